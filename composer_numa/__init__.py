@@ -1,0 +1,58 @@
+"""composer-numa: NUMA-aware rank binding and CPU offload kernels for PyTorch / Composer.
+
+Importing this package is cheap: torch and composer are imported only when a
+name that needs them (``NumaAffinity``, ``NumaAdamW``, ``NumaExperts``) is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from composer_numa._version import __version__
+
+if TYPE_CHECKING:  # pragma: no cover
+    from composer_numa.callback import NumaAffinity
+    from composer_numa.experts import NumaExperts
+    from composer_numa.optim import NumaAdamW
+    from composer_numa.plan import MemoryPolicy, Mode, PlanOptions, RankPlan
+    from composer_numa.topology import Topology, discover
+
+__all__ = [
+    "__version__",
+    "NumaAffinity",
+    "NumaAdamW",
+    "NumaExperts",
+    "Mode",
+    "MemoryPolicy",
+    "PlanOptions",
+    "RankPlan",
+    "Topology",
+    "discover",
+
+]
+
+_LAZY = {
+    "NumaAffinity": "composer_numa.callback",
+    "NumaAdamW": "composer_numa.optim",
+    "NumaExperts": "composer_numa.experts",
+    "Mode": "composer_numa.plan",
+    "MemoryPolicy": "composer_numa.plan",
+    "PlanOptions": "composer_numa.plan",
+    "RankPlan": "composer_numa.plan",
+    "Topology": "composer_numa.topology",
+    "discover": "composer_numa.topology",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'composer_numa' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

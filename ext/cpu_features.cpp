@@ -1,0 +1,63 @@
+#include "cpu_features.h"
+
+#include <cpuid.h>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace cnuma {
+namespace {
+
+uint64_t xgetbv0() {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (static_cast<uint64_t>(edx) << 32) | eax;
+}
+
+CpuFeatures detect() {
+  CpuFeatures f;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = c & (1u << 27);
+  const bool fma = c & (1u << 12);
+  if (!osxsave) return f;
+  const uint64_t xcr0 = xgetbv0();
+  // The OS must save the YMM (bits 1,2), ZMM/opmask (5,6,7) and AMX tile (17,18) state.
+  const bool os_avx = (xcr0 & 0x6) == 0x6;
+  const bool os_avx512 = os_avx && (xcr0 & 0xe0) == 0xe0;
+  const bool os_amx = (xcr0 & 0x60000) == 0x60000;
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(7, 0, a, b, c, d);
+  f.avx2 = os_avx && (b & (1u << 5));
+  f.fma = os_avx && fma;
+  f.avx512f = os_avx512 && (b & (1u << 16));
+  f.avx512bw = os_avx512 && (b & (1u << 30));
+  f.avx512vl = os_avx512 && (b & (1u << 31));
+  f.amx_bf16 = os_amx && (d & (1u << 22));
+  f.amx_tile = os_amx && (d & (1u << 24));
+  unsigned a1, b1, c1, d1;
+  __cpuid_count(7, 1, a1, b1, c1, d1);
+  f.avx512bf16 = os_avx512 && (a1 & (1u << 5));
+  return f;
+}
+
+}  // namespace
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = detect();
+  return f;
+}
+
+std::string simd_level() {
+  const CpuFeatures& f = cpu_features();
+  std::string best = "scalar";
+  if (f.avx2 && f.fma) best = "avx2";
+  if (f.avx512f && f.avx512bw && f.avx512vl && f.fma) best = "avx512";
+  const char* cap = std::getenv("COMPOSER_NUMA_SIMD");
+  if (cap == nullptr || *cap == '\0') return best;
+  auto rank = [](const std::string& s) { return s == "avx512" ? 2 : s == "avx2" ? 1 : 0; };
+  const std::string want(cap);
+  return rank(want) < rank(best) ? (rank(want) == 0 ? "scalar" : want) : best;
+}
+
+}  // namespace cnuma
