@@ -3,16 +3,64 @@ and options to one binding per local rank.
 
 No I/O happens here, so every decision can be tested from fake topologies and
 shown by ``composer-numa report`` before anything is applied.
+
+Each rank has a *home*: the CPU node nearest its GPU. Only nodes with CPUs are
+homes; a GPU on a CPU-less memory node (Grace-Hopper's GPU memory, CXL) gets the
+nearest CPU node by distance, which is normal and not warned about.
+
+CPU modes (CPUs are always inside the cpuset and never empty):
+
+- ``node``: the home's allowed CPUs.
+- ``socket``: the allowed CPUs of the home's socket.
+- ``exclusive``: the home's allowed physical cores (ordered by their lowest SMT
+  sibling) cut into contiguous equal shares for the ranks of that home, in rank
+  order, the remainder to the lowest ranks; SMT siblings stay with their core.
+  More ranks than cores: cores are shared round-robin (``too-few-cores``).
+- ``core-complex``: one L3 domain of the home per rank, larger domains first,
+  wrapping when ranks outnumber domains.
+- ``none``: all allowed CPUs; ``numa_nodes`` still names the home.
+
+``num_threads`` is the number of physical cores of the rank's CPUs divided by
+the number of ranks with exactly those CPUs (at least 1).
+
+Memory policies: ``preferred`` (the home), ``bind`` and ``interleave`` (the
+memory nodes of the rank's ``numa_nodes``; all of the socket's in ``socket``
+mode), ``local``, ``none``. Memory nodes are always allowed (``Mems_allowed``)
+and have memory: a memory-less home uses the nearest node with memory. With a
+``memory_need`` per rank larger than the free memory of the target nodes (ranks
+sharing nodes add up), ``bind`` falls back to ``preferred`` and the other
+policies keep theirs; both warn ``node-memory-insufficient``.
+
+Special cases: a cpuset without any CPU of the home moves the rank to the
+nearest node with allowed CPUs (ties: the one with fewer ranks) and warns
+``cpuset-excludes-gpu-node``; a GPU whose node is unknown gets all allowed CPUs
+(an exclusive share of them in ``exclusive`` mode, an L3 domain of them in
+``core-complex``), no memory policy and ``gpu-numa-unknown``. Machine-wide
+warnings: ``sub-numa-clustering`` (more CPU nodes than sockets),
+``numa-balancing-enabled`` and ``more-ranks-than-gpus``. Warnings are
+deduplicated and in a stable order.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from enum import Enum
 
-from composer_numa.diagnostics import Diagnostic
-from composer_numa.topology import Topology
+from composer_numa.cpulist import format_cpulist, format_size, parse_size
+from composer_numa.diagnostics import (
+    CPUSET_EXCLUDES_GPU_NODE,
+    GPU_NUMA_UNKNOWN,
+    MORE_RANKS_THAN_GPUS,
+    NODE_MEMORY_INSUFFICIENT,
+    NUMA_BALANCING_ENABLED,
+    SUB_NUMA_CLUSTERING,
+    TOO_FEW_CORES,
+    Diagnostic,
+)
+from composer_numa.errors import ComposerNumaError, PlanError
+from composer_numa.topology import Gpu, Topology
 
 __all__ = ["Mode", "MemoryPolicy", "PlanOptions", "RankPlan", "Plan", "plan"]
 
@@ -43,10 +91,11 @@ class PlanOptions:
 
     Attributes:
         nproc: ranks on this host (local world size), at least 1.
-        mode: CPU placement mode.
-        memory: memory policy.
-        memory_need: bytes one rank needs on its node; a strict ``bind`` that
-            cannot hold it falls back to ``preferred``.
+        mode: CPU placement mode (a :class:`Mode` or its value, e.g. ``"exclusive"``).
+        memory: memory policy (a :class:`MemoryPolicy` or its value).
+        memory_need: bytes one rank needs on its node (or a size such as ``"380G"``);
+            a strict ``bind`` that cannot hold it falls back to ``preferred``.
+            :func:`plan` returns the options normalised to enums and bytes.
     """
 
     nproc: int = 1
@@ -111,10 +160,448 @@ class Plan:
     warnings: tuple[Diagnostic, ...] = ()
 
 
-def plan(topology: Topology, options: PlanOptions) -> Plan:
+def plan(topology: Topology, options: PlanOptions | None = None) -> Plan:
     """Plan every local rank's CPUs, memory policy and thread count.
 
+    Rank ``r`` drives GPU ``r`` (``topology.gpus`` is in device-ordinal order);
+    with more ranks than GPUs, GPU ``r mod count``. Each rank gets a *home*: the
+    CPU node nearest its GPU (the GPU's own node, or for a GPU hanging off a
+    CPU-less memory node, Grace-Hopper style, the nearest node with CPUs — that
+    is how such machines are built, so it is not warned about). CPU-only ranks
+    are spread over the nodes that have allowed CPUs in contiguous blocks, the
+    remainder going to the lower nodes. See the module docstring for the modes,
+    memory policies and warnings.
+
+    Args:
+        topology: the machine, from :func:`composer_numa.topology.discover` or built by hand.
+            An empty ``allowed_cpus`` / ``allowed_mems`` means "no cpuset restriction".
+        options: what to plan; ``mode`` and ``memory`` may be given as strings and
+            ``memory_need`` as a size string (``"380G"``). Defaults to ``PlanOptions()``.
+
+    Returns:
+        The plan, whose ``options`` are the normalised options.
+
     Raises:
-        PlanError: the options are invalid (``nproc`` < 1, negative memory need).
+        PlanError: the options are invalid (``nproc`` < 1, negative memory need, an
+            unknown mode or policy) or the topology has no usable CPU.
+
+    Example:
+        >>> from composer_numa.topology import Cpu, Gpu, Node, Topology
+        >>> topo = Topology(
+        ...     nodes=(Node(0, (0, 1), 1 << 30, 1 << 30, (10,)),),
+        ...     cpus=(Cpu(0, 0, 0, 0, (0,), (0, 1)), Cpu(1, 0, 0, 1, (1,), (0, 1))),
+        ...     gpus=(Gpu(0, "0000:01:00.0", "nvidia", 0),),
+        ... )
+        >>> plan(topo, PlanOptions(nproc=1)).ranks[0].cpus
+        (0, 1)
     """
-    raise NotImplementedError("planner is being written")
+    opts = _normalise(options)
+    view = _View(topology)
+    diags: list[Diagnostic] = []
+    _machine_warnings(view, diags)
+    homes = _homes(view, opts.nproc, diags)
+    cpus = _cpus(view, opts.mode, [h for _, h in homes], diags)
+    if opts.mode is Mode.NONE:
+        numa_nodes = [(h,) if h is not None else view.nodes_of(view.allowed) for _, h in homes]
+    else:
+        numa_nodes = [view.nodes_of(c) for c in cpus]
+    threads = _threads(view, opts.mode, cpus, diags)
+    policies, memory_nodes = _memory(view, opts, homes, numa_nodes, diags)
+    ranks = tuple(
+        RankPlan(
+            local_rank=r,
+            gpu=None if gpu is None else gpu.index,
+            gpu_pci_bus_id=None if gpu is None else gpu.pci_bus_id,
+            numa_nodes=numa_nodes[r],
+            cpus=cpus[r],
+            memory_policy=policies[r],
+            memory_nodes=memory_nodes[r],
+            num_threads=threads[r],
+        )
+        for r, (gpu, _) in enumerate(homes)
+    )
+    return Plan(options=opts, ranks=ranks, warnings=tuple(dict.fromkeys(diags)))
+
+
+# --- options -----------------------------------------------------------------
+
+
+def _coerce(enum_cls: type[Enum], value: object, what: str):
+    if isinstance(value, enum_cls):
+        return value
+    if isinstance(value, str):
+        key = value.strip().lower().replace("_", "-")
+        for member in enum_cls:
+            if member.value == key:
+                return member
+    valid = ", ".join(m.value for m in enum_cls)
+    raise PlanError(f"unknown {what} {value!r}; valid: {valid}")
+
+
+def _normalise(options: PlanOptions | None) -> PlanOptions:
+    if options is None:
+        options = PlanOptions()
+    if not isinstance(options, PlanOptions):
+        raise PlanError(f"plan options must be PlanOptions, got {type(options).__name__}")
+    nproc = options.nproc
+    if isinstance(nproc, bool) or not isinstance(nproc, int):
+        raise PlanError(f"nproc must be an integer, got {nproc!r}")
+    if nproc < 1:
+        raise PlanError(f"nproc must be at least 1, got {nproc}")
+    need = options.memory_need
+    if isinstance(need, str):
+        try:
+            need = parse_size(need)
+        except ComposerNumaError as e:
+            raise PlanError(f"memory_need: {e}") from None
+    elif need is not None and (isinstance(need, bool) or not isinstance(need, int)):
+        raise PlanError(f"memory_need must be a number of bytes, got {need!r}")
+    if need is not None and need < 0:
+        raise PlanError(f"memory_need must not be negative, got {need}")
+    return PlanOptions(
+        nproc=nproc,
+        mode=_coerce(Mode, options.mode, "mode"),
+        memory=_coerce(MemoryPolicy, options.memory, "memory policy"),
+        memory_need=need,
+    )
+
+
+# --- the machine as the planner sees it --------------------------------------
+
+
+class _View:
+    """Facts derived once from a topology: allowed CPUs per node, memory nodes, distances."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        self.cpu = {c.id: c for c in topo.cpus}
+        if not self.cpu:
+            raise PlanError("the topology lists no online CPUs")
+        if topo.allowed_cpus:
+            allowed = sorted(set(topo.allowed_cpus) & self.cpu.keys())
+            if not allowed:
+                raise PlanError(
+                    f"none of the allowed CPUs ({format_cpulist(topo.allowed_cpus)}) is online"
+                )
+        else:
+            allowed = sorted(self.cpu)
+        self.allowed = tuple(allowed)
+        self.node_ids = [n.id for n in topo.nodes]
+        # Node.cpus is the authority (it is what cpu_nodes uses); Cpu.node covers strays.
+        self.node_of: dict[int, int] = {}
+        for n in topo.nodes:
+            for c in n.cpus:
+                self.node_of.setdefault(c, n.id)
+        for c in topo.cpus:
+            self.node_of.setdefault(c.id, c.node)
+        self.cpu_nodes = [n.id for n in topo.cpu_nodes]
+        self.node_allowed = {
+            n: tuple(c for c in self.allowed if self.node_of[c] == n) for n in self.cpu_nodes
+        }
+        self.usable = [n for n in self.cpu_nodes if self.node_allowed[n]]
+        if not self.usable:
+            raise PlanError(
+                f"no NUMA node with CPUs holds an allowed CPU ({format_cpulist(self.allowed)})"
+            )
+        mems = set(topo.allowed_mems) if topo.allowed_mems else set(self.node_ids)
+        self.allowed_mems = tuple(sorted(mems))
+        self.mem_nodes = [n.id for n in topo.nodes if n.id in mems and n.has_memory]
+        self.free = {n.id: n.memory_free for n in topo.nodes}
+
+    def dist(self, a: int, b: int) -> int:
+        try:
+            return self.topo.distance(a, b)
+        except (KeyError, ValueError):
+            return 10 if a == b else 20
+
+    def nearest(self, src: int, candidates: list[int]) -> int:
+        return min(candidates, key=lambda c: (self.dist(src, c), c))
+
+    def nodes_of(self, cpus: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(sorted({self.node_of[c] for c in cpus}))
+
+    def cores(self, cpus: tuple[int, ...]) -> int:
+        return len({self.cpu[c].core_key for c in cpus})
+
+    def memory_node(self, node: int) -> int | None:
+        """Where memory meant for ``node`` goes: itself, or the nearest allowed node with memory."""
+        if node in self.mem_nodes:
+            return node
+        if not self.mem_nodes:
+            return None
+        return self.nearest(node, self.mem_nodes)
+
+
+def _machine_warnings(view: _View, diags: list[Diagnostic]) -> None:
+    topo = view.topo
+    sockets = len({c.socket for c in topo.cpus})
+    nodes = len(view.cpu_nodes)
+    if nodes > sockets:
+        diags.append(Diagnostic(
+            SUB_NUMA_CLUSTERING,
+            f"{nodes} NUMA nodes with CPUs on {sockets} socket(s): sub-NUMA clustering "
+            f"(SNC / NPS) is on; ranks are planned per node, and anything kept once per node "
+            f"(e.g. per-node weight copies) multiplies memory by {nodes}"
+            + ("" if sockets == 1 else f" instead of {sockets}"),
+        ))
+    if topo.numa_balancing:
+        diags.append(Diagnostic(
+            NUMA_BALANCING_ENABLED,
+            "kernel.numa_balancing is on: the kernel's automatic NUMA balancing migrates pages "
+            "and threads against the planned binding; disable it with "
+            "`sysctl kernel.numa_balancing=0`",
+        ))
+
+
+# --- which node each rank lives on --------------------------------------------
+
+
+def _homes(view: _View, nproc: int, diags: list[Diagnostic]) -> list[tuple[Gpu | None, int | None]]:
+    """(GPU, home CPU node) per rank; home None means the GPU's node is unknown."""
+    topo = view.topo
+    if not topo.gpus:
+        base, extra = divmod(nproc, len(view.usable))
+        out: list[tuple[Gpu | None, int | None]] = []
+        for i, n in enumerate(view.usable):
+            out += [(None, n)] * (base + (1 if i < extra else 0))
+        return out
+
+    gpus = topo.gpus
+    if nproc > len(gpus):
+        diags.append(Diagnostic(
+            MORE_RANKS_THAN_GPUS,
+            f"{nproc} ranks but {len(gpus)} visible GPU(s): rank r drives GPU r mod {len(gpus)}, "
+            f"so GPUs and their CPUs are shared",
+        ))
+    homes: list[int | None] = []
+    excluded: list[tuple[int, Gpu, int, int]] = []
+    for r in range(nproc):
+        gpu = gpus[r % len(gpus)]
+        node = gpu.numa_node
+        if len(view.node_ids) == 1 and node not in view.node_ids:
+            node = view.node_ids[0]  # one node: there is nowhere else it could be
+        if node is None or node not in view.node_ids:
+            if node is None:
+                why = "has no NUMA node (sysfs numa_node is -1)"
+            else:
+                why = f"reports NUMA node {node}, which does not exist"
+            hint = (
+                "name the GPUs' PCI addresses in COMPOSER_NUMA_GPUS"
+                if gpu.pci_bus_id is None
+                else "the firmware does not say where the device is attached, common in VMs"
+            )
+            diags.append(Diagnostic(
+                GPU_NUMA_UNKNOWN,
+                f"GPU {gpu.index} ({gpu.pci_bus_id or 'PCI address unknown'}) {why} on this "
+                f"{len(view.node_ids)}-node machine: its rank gets all allowed CPUs and no "
+                f"memory policy ({hint})",
+            ))
+            homes.append(None)
+            continue
+        cpu_node = node if node in view.node_allowed else view.nearest(node, view.cpu_nodes)
+        if view.node_allowed[cpu_node]:
+            homes.append(cpu_node)
+        else:
+            homes.append(None)
+            excluded.append((r, gpu, node, cpu_node))
+
+    # Ranks whose node the cpuset excludes go to the nearest node with allowed CPUs;
+    # among equally near nodes, the one with the fewest ranks so far.
+    load = Counter(h for h in homes if h is not None)
+    for r, gpu, node, cpu_node in excluded:
+        best = min(view.dist(node, n) for n in view.usable)
+        choice = min(
+            (n for n in view.usable if view.dist(node, n) == best), key=lambda n: (load[n], n)
+        )
+        load[choice] += 1
+        homes[r] = choice
+        via = "" if node == cpu_node else f" (its nearest CPU node is {cpu_node})"
+        diags.append(Diagnostic(
+            CPUSET_EXCLUDES_GPU_NODE,
+            f"GPU {gpu.index} is on node {node}{via} but the cpuset allows none of node "
+            f"{cpu_node}'s CPUs (allowed: {format_cpulist(view.allowed)}); rank {r} uses "
+            f"node {choice}, the nearest node with allowed CPUs (distance {best})",
+        ))
+    return [(gpus[r % len(gpus)], homes[r]) for r in range(nproc)]
+
+
+# --- CPUs per rank ----------------------------------------------------------------
+
+
+def _pool(view: _View, home: int | None) -> tuple[int, ...]:
+    return view.allowed if home is None else view.node_allowed[home]
+
+
+def _socket_pool(view: _View, home: int | None) -> tuple[int, ...]:
+    if home is None:
+        return view.allowed
+    sockets = {view.cpu[c].socket for c in view.node_allowed[home]}
+    return tuple(c for c in view.allowed if view.cpu[c].socket in sockets)
+
+
+def _split_cores(view: _View, pool: tuple[int, ...], k: int) -> list[tuple[int, ...]]:
+    """``k`` contiguous shares of the pool's physical cores, SMT siblings kept together."""
+    by_core: dict[int, list[int]] = {}
+    for c in pool:
+        by_core.setdefault(view.cpu[c].core_key, []).append(c)
+    cores = [tuple(v) for _, v in sorted(by_core.items())]
+    if k > len(cores):
+        return [cores[i % len(cores)] for i in range(k)]
+    base, extra = divmod(len(cores), k)
+    out, start = [], 0
+    for i in range(k):
+        size = base + (1 if i < extra else 0)
+        out.append(tuple(sorted(c for core in cores[start:start + size] for c in core)))
+        start += size
+    return out
+
+
+def _l3_domains(view: _View, pool: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The pool's L3 domains, larger first (ties: lowest CPU first)."""
+    by_l3: dict[tuple[int, ...], list[int]] = {}
+    for c in pool:
+        by_l3.setdefault(view.cpu[c].l3, []).append(c)
+    return sorted((tuple(v) for v in by_l3.values()), key=lambda d: (-len(d), d[0]))
+
+
+def _cpus(
+    view: _View, mode: Mode, homes: list[int | None], diags: list[Diagnostic]
+) -> list[tuple[int, ...]]:
+    if mode is Mode.NODE:
+        return [_pool(view, h) for h in homes]
+    if mode is Mode.SOCKET:
+        return [_socket_pool(view, h) for h in homes]
+    if mode is Mode.NONE:
+        return [view.allowed for _ in homes]
+
+    groups: dict[int | None, list[int]] = {}
+    for r, h in enumerate(homes):
+        groups.setdefault(h, []).append(r)
+    out: list[tuple[int, ...]] = [()] * len(homes)
+    for home, ranks in groups.items():
+        pool = _pool(view, home)
+        if mode is Mode.EXCLUSIVE:
+            shares = _split_cores(view, pool, len(ranks))
+            cores = view.cores(pool)
+            if len(ranks) > cores:
+                where = "the allowed CPUs" if home is None else f"node {home}"
+                diags.append(Diagnostic(
+                    TOO_FEW_CORES,
+                    f"{len(ranks)} ranks ({_ranks(ranks)}) on {where} but only {cores} allowed "
+                    f"physical core(s): ranks share cores round-robin",
+                ))
+        else:
+            domains = _l3_domains(view, pool)
+            shares = [domains[i % len(domains)] for i in range(len(ranks))]
+        for r, share in zip(ranks, shares, strict=True):
+            out[r] = share
+    return out
+
+
+def _threads(
+    view: _View, mode: Mode, cpus: list[tuple[int, ...]], diags: list[Diagnostic]
+) -> list[int]:
+    sharing: dict[tuple[int, ...], list[int]] = {}
+    for r, c in enumerate(cpus):
+        sharing.setdefault(c, []).append(r)
+    if mode is not Mode.EXCLUSIVE:  # exclusive mode already warned per node
+        for c, ranks in sharing.items():
+            cores = view.cores(c)
+            if len(ranks) > cores:
+                diags.append(Diagnostic(
+                    TOO_FEW_CORES,
+                    f"{len(ranks)} ranks ({_ranks(ranks)}) share CPUs {format_cpulist(c)}, which "
+                    f"have only {cores} physical core(s): their threads compete",
+                ))
+    total = view.cores(view.allowed)
+    if len(cpus) > total and not any(d.code == TOO_FEW_CORES for d in diags):
+        diags.append(Diagnostic(
+            TOO_FEW_CORES,
+            f"{len(cpus)} ranks but only {total} allowed physical core(s) "
+            f"({format_cpulist(view.allowed)})",
+        ))
+    return [max(1, view.cores(c) // len(sharing[c])) for c in cpus]
+
+
+# --- memory policy --------------------------------------------------------------
+
+
+def _memory(
+    view: _View,
+    opts: PlanOptions,
+    homes: list[tuple[Gpu | None, int | None]],
+    numa_nodes: list[tuple[int, ...]],
+    diags: list[Diagnostic],
+) -> tuple[list[MemoryPolicy], list[tuple[int, ...]]]:
+    n = len(homes)
+    policies = [MemoryPolicy.NONE] * n
+    nodes: list[tuple[int, ...]] = [()] * n
+    primary: list[int | None] = [None] * n
+    targets: list[tuple[int, ...]] = [()] * n  # where each rank's memory lands
+    if opts.memory is MemoryPolicy.NONE:
+        return policies, nodes
+    if not view.mem_nodes:
+        if any(h is not None for _, h in homes):
+            diags.append(Diagnostic(
+                NODE_MEMORY_INSUFFICIENT,
+                f"no allowed memory node (allowed: {format_cpulist(view.allowed_mems) or 'none'}) "
+                f"reports any memory: no memory policy is set",
+            ))
+        return policies, nodes
+
+    for r, (gpu, home) in enumerate(homes):
+        if home is None:
+            continue  # unknown GPU node: already warned, no policy
+        first = view.memory_node(home)
+        assert first is not None  # mem_nodes is not empty
+        if gpu is not None and first != home and view.topo.node(home).has_memory:
+            diags.append(Diagnostic(
+                CPUSET_EXCLUDES_GPU_NODE,
+                f"the cpuset's memory nodes ({format_cpulist(view.allowed_mems)}) exclude node "
+                f"{home}, GPU {gpu.index}'s node: its rank's memory goes to node {first}",
+            ))
+        primary[r] = first
+        policies[r] = opts.memory
+        if opts.memory in (MemoryPolicy.PREFERRED, MemoryPolicy.LOCAL):
+            targets[r] = (first,)
+            nodes[r] = (first,) if opts.memory is MemoryPolicy.PREFERRED else ()
+        else:
+            mapped = {view.memory_node(x) for x in numa_nodes[r]}
+            targets[r] = nodes[r] = tuple(sorted(x for x in mapped if x is not None))
+
+    need = opts.memory_need
+    if not need:
+        return policies, nodes
+    # Ranks sharing nodes add up; a rank spread over several nodes loads each evenly.
+    demand: dict[int, float] = {}
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for r, t in enumerate(targets):
+        if t:
+            groups.setdefault(t, []).append(r)
+            for x in t:
+                demand[x] = demand.get(x, 0.0) + need / len(t)
+    for t, ranks in groups.items():
+        want = sum(demand[x] for x in t)
+        free = sum(view.free.get(x, 0) for x in t)
+        if want <= free:
+            continue
+        where = f"node {t[0]}" if len(t) == 1 else f"nodes {format_cpulist(t)}"
+        policy = policies[ranks[0]]
+        if policy is MemoryPolicy.BIND:
+            for r in ranks:
+                policies[r] = MemoryPolicy.PREFERRED
+                nodes[r] = (primary[r],)
+            outcome = "a strict bind would run out of memory, so the policy is preferred instead"
+        else:
+            outcome = f"with {policy.value} the rest spills to other nodes (remote memory)"
+        diags.append(Diagnostic(
+            NODE_MEMORY_INSUFFICIENT,
+            f"rank{'s' if len(ranks) > 1 else ''} {_ranks(ranks)} need {format_size(need)} each; "
+            f"{where} would have to hold {format_size(int(want))} but "
+            f"{'has' if len(t) == 1 else 'have'} {format_size(free)} free: {outcome}",
+        ))
+    return policies, nodes
+
+
+def _ranks(ranks: list[int]) -> str:
+    return format_cpulist(ranks)

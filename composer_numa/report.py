@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Iterable, Sequence
 
 from composer_numa._version import __version__
@@ -119,7 +120,7 @@ def warnings_of(topology: Topology, plan: Plan) -> list[Diagnostic]:
     out: list[Diagnostic] = []
     for d in (*topology.diagnostics, *plan.warnings):
         key = (d.code, d.message)
-        if key not in seen:
+        if True:
             seen.add(key)
             out.append(d)
     return out
@@ -331,7 +332,9 @@ def render_table(topology: Topology, plan: Plan) -> str:
     lines.append("")
     warns = warnings_of(topology, plan)
     lines.append(f"Warnings ({len(warns)})" if warns else "Warnings: none")
-    lines.extend(f"  [{d.code}] {d.message}" for d in warns)
+    for d in warns:
+        lines.extend(textwrap.wrap(f"[{d.code}] {d.message}", 100, initial_indent="  ",
+                                   subsequent_indent="    ", break_on_hyphens=False))
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,57 @@
+// Fused AdamW: one streaming pass per element (grad, m, v, param in; param,
+// m, v out) with torch.optim.AdamW's operation order, in AVX-512, AVX2 and
+// scalar versions that give identical bits, run on the pinned workers.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace cnuma {
+
+enum class DType : uint8_t { F32, BF16 };
+
+// Scalars of one step, computed in double like torch's Python code does and
+// rounded to float once, as torch's CPU kernels do with Python scalars.
+struct AdamWScalars {
+  float decay;        // 1 - lr * weight_decay
+  float lerp_weight;  // 1 - beta1
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float neg_step_size;          // -lr / (1 - beta1^step)
+  float bias_correction2_sqrt;  // (1 - beta2^step) ** 0.5
+  float grad_factor;            // grad_scale, negated for maximize
+};
+
+AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps,
+                           double weight_decay, int64_t step, double grad_scale, bool maximize);
+
+// One contiguous run of elements sharing hyper-parameters.
+struct AdamWJob {
+  int node = -1;             // run on this node's workers (-1: any)
+  int64_t n = 0;
+  float* master = nullptr;   // fp32 master weights; param is then a (bf16) copy written out
+  void* param = nullptr;
+  DType param_dtype = DType::F32;
+  const void* grad = nullptr;
+  DType grad_dtype = DType::F32;
+  void* exp_avg = nullptr;
+  void* exp_avg_sq = nullptr;
+  DType state_dtype = DType::F32;
+  AdamWScalars s{};
+};
+
+// SIMD path: 2 = AVX-512, 1 = AVX2, 0 = scalar; simd_path() reads
+// cnuma::simd_level() (and so COMPOSER_NUMA_SIMD) at every call.
+int simd_path();
+
+// Single-threaded: elements [begin, end) of job.
+void adamw_range(const AdamWJob& job, int64_t begin, int64_t end, int simd);
+
+// All jobs in one dispatch on the pool; chunks aligned to 16 elements.
+void adamw_step(const std::vector<AdamWJob>& jobs);
+
+// Round-to-nearest-even float -> bfloat16 (NaN -> 0x7fc0), as torch does.
+uint16_t float_to_bf16(float f);
+
+}  // namespace cnuma

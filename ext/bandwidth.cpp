@@ -1,0 +1,114 @@
+#include "bandwidth.h"
+
+#include <chrono>
+#include <memory>
+#include <stdexcept>
+
+#include "adamw.h"
+#include "memory.h"
+#include "workers.h"
+
+#define CNUMA_AVX2 __attribute__((target("avx2,fma")))
+
+namespace cnuma {
+namespace {
+
+// The loops are simple enough for the compiler to vectorise; the AVX2 copies
+// are chosen when the CPU has it so the probe is not limited by SSE issue width.
+template <int Kernel>
+void pass_generic(float* const* a, int64_t b, int64_t e, uint64_t* sink) {
+  if constexpr (Kernel == 0) {
+    const uint64_t* p = reinterpret_cast<const uint64_t*>(a[0]);
+    uint64_t s = 0;
+    for (int64_t i = b / 2; i < e / 2; ++i) s += p[i];
+    *sink += s;
+  } else if constexpr (Kernel == 1) {
+    for (int64_t i = b; i < e; ++i) a[1][i] = a[0][i];
+  } else if constexpr (Kernel == 2) {
+    for (int64_t i = b; i < e; ++i) a[0][i] = a[1][i] + 3.0f * a[2][i];
+  } else {
+    for (int64_t i = b; i < e; ++i) {
+      const float g = a[0][i] * 0.5f;
+      a[1][i] += g;
+      a[2][i] += g;
+      a[3][i] += g;
+    }
+  }
+}
+
+template <int Kernel>
+CNUMA_AVX2 void pass_avx2(float* const* a, int64_t b, int64_t e, uint64_t* sink) {
+  if constexpr (Kernel == 0) {
+    const uint64_t* p = reinterpret_cast<const uint64_t*>(a[0]);
+    uint64_t s = 0;
+    for (int64_t i = b / 2; i < e / 2; ++i) s += p[i];
+    *sink += s;
+  } else if constexpr (Kernel == 1) {
+    for (int64_t i = b; i < e; ++i) a[1][i] = a[0][i];
+  } else if constexpr (Kernel == 2) {
+    for (int64_t i = b; i < e; ++i) a[0][i] = a[1][i] + 3.0f * a[2][i];
+  } else {
+    for (int64_t i = b; i < e; ++i) {
+      const float g = a[0][i] * 0.5f;
+      a[1][i] += g;
+      a[2][i] += g;
+      a[3][i] += g;
+    }
+  }
+}
+
+using PassFn = void (*)(float* const*, int64_t, int64_t, uint64_t*);
+
+template <int Kernel>
+PassFn pick(bool avx2) {
+  return avx2 ? &pass_avx2<Kernel> : &pass_generic<Kernel>;
+}
+
+}  // namespace
+
+BandwidthResult measure_bandwidth(const std::string& kernel, int64_t elements, int cpu_node,
+                                  int mem_node, int passes) {
+  int k, arrays, streams;
+  if (kernel == "read") k = 0, arrays = 1, streams = 1;
+  else if (kernel == "copy") k = 1, arrays = 2, streams = 2;
+  else if (kernel == "triad") k = 2, arrays = 3, streams = 3;
+  else if (kernel == "adamw") k = 3, arrays = 4, streams = 7;
+  else throw std::invalid_argument("unknown bandwidth kernel '" + kernel +
+                                   "' (expected read, copy, triad or adamw)");
+  if (elements < 1024) throw std::invalid_argument("bandwidth probe needs >= 1024 elements");
+  if (passes < 1) throw std::invalid_argument("bandwidth probe needs >= 1 pass");
+  elements = (elements + 15) / 16 * 16;
+
+  std::vector<std::unique_ptr<NodeBuffer>> bufs;
+  std::vector<float*> ptrs;
+  for (int i = 0; i < arrays; ++i) {
+    bufs.push_back(NodeBuffer::allocate(static_cast<size_t>(elements) * 4, {mem_node},
+                                        Policy::Bind));
+    ptrs.push_back(static_cast<float*>(bufs.back()->data()));
+  }
+  const bool avx2 = simd_path() >= 1;
+  const PassFn fn = k == 0 ? pick<0>(avx2) : k == 1 ? pick<1>(avx2) : k == 2 ? pick<2>(avx2)
+                                                                            : pick<3>(avx2);
+  const int nthreads = num_threads();
+  std::vector<uint64_t> sinks(static_cast<size_t>(nthreads) * 8, 0);  // a cache line each
+  float* const* a = ptrs.data();
+  std::vector<NodeTask> tasks;
+  tasks.push_back({cpu_node, elements, 16, [&](int64_t b, int64_t e, int w) {
+                     fn(a, b, e, &sinks[static_cast<size_t>(w) * 8]);
+                   }});
+  BandwidthResult r{kernel, cpu_node, mem_node, 0, elements * 4 * streams, {}};
+  for (const WorkerInfo& w : workers()) r.threads += w.node == cpu_node;
+  if (r.threads == 0) r.threads = nthreads;
+  for (int p = 0; p < passes; ++p) {
+    const auto t0 = std::chrono::steady_clock::now();
+    run_on_nodes(tasks);
+    const auto t1 = std::chrono::steady_clock::now();
+    r.seconds.push_back(std::chrono::duration<double>(t1 - t0).count());
+  }
+  volatile uint64_t keep = 0;
+  for (uint64_t s : sinks) keep = keep + s;
+  (void)keep;
+  return r;
+}
+
+}  // namespace cnuma
