@@ -9,16 +9,15 @@ each rank starts as ``composer-numa exec <numa options> -- python SCRIPT ARGS``
 Composer sets ``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` for each rank, spawns,
 monitors and cleans up exactly as it always does; exit codes are Composer's.
 
-One difference: SIGTERM to the launcher is handled like Ctrl-C (Composer
-terminates its ranks, then the launcher dies of SIGTERM), where plain
-``composer`` would die at once and leave its ranks running.
+SIGTERM and SIGINT are Composer's business too: importing Composer installs
+handlers that turn them into an exit of the launcher, which then terminates
+its ranks (SIGTERM, SIGKILL after 30 s) before returning.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 __all__ = ["register", "run", "rank_command"]
@@ -119,37 +118,7 @@ def _composer_argv(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> l
 
 
 def run(args: argparse.Namespace) -> int:
-    from composer_numa.errors import ComposerNumaError
-
-    got_sigterm = False
-
-    def on_sigterm(signum, frame):
-        nonlocal got_sigterm
-        got_sigterm = True
-        # Composer stops its ranks on KeyboardInterrupt; plain SIGTERM would orphan them.
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        rc = _run(args)
-    except KeyboardInterrupt:
-        if not got_sigterm:
-            raise
-        rc = 128 + signal.SIGTERM
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if got_sigterm:
-        # Die of the signal, as plain composer would, now that the ranks are gone.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-    if not isinstance(rc, int):
-        raise ComposerNumaError(f"Composer's launcher returned {rc!r}")
-    return rc
-
-
-def _run(args: argparse.Namespace) -> int:
+    """Parse Composer's and the ``--numa-*`` options, plan once, run Composer's launcher."""
     from composer_numa.cli import plan_from_args
     from composer_numa.diagnostics import emit
     from composer_numa.errors import ComposerNumaError

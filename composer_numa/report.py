@@ -120,7 +120,7 @@ def warnings_of(topology: Topology, plan: Plan) -> list[Diagnostic]:
     out: list[Diagnostic] = []
     for d in (*topology.diagnostics, *plan.warnings):
         key = (d.code, d.message)
-        if True:
+        if key not in seen:
             seen.add(key)
             out.append(d)
     return out

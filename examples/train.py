@@ -36,6 +36,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="add composer_numa's NumaAffinity callback (default: on when available)")
     p.add_argument("--report-dir", default=None,
                    help="also write each rank's report to DIR/rank<global rank>.json")
+    p.add_argument("--numa-mode", default="node",
+                   help="the callback's CPU placement: node, socket, exclusive, core-complex, none")
+    p.add_argument("--numa-memory", default="preferred",
+                   help="the callback's memory policy: preferred, bind, interleave, local, none")
+    p.add_argument("--worker-cores", type=int, default=0,
+                   help="physical cores the callback reserves for DataLoader workers")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--optimizer", choices=["adamw", "numa-adamw"], default="adamw",
+                   help="torch.optim.AdamW or composer_numa's NumaAdamW (node-local, fused)")
     return p.parse_args(argv)
 
 
@@ -62,8 +71,12 @@ def binding_report() -> dict:
     return report
 
 
-def numa_callbacks(enabled: bool) -> list:
-    """The NumaAffinity callback, when asked for and available in this version."""
+def numa_callbacks(enabled: bool, args: argparse.Namespace | None = None) -> list:
+    """The NumaAffinity callback, when asked for and available in this version.
+
+    Under ``composer-numa launch`` / ``exec`` it verifies the binding made at
+    birth instead of binding again (``COMPOSER_NUMA_BINDING`` tells it).
+    """
     if not enabled:
         return []
     try:
@@ -74,13 +87,27 @@ def numa_callbacks(enabled: bool) -> list:
         print("composer-numa-example: NumaAffinity is not available; training without it",
               file=sys.stderr)
         return []
-    return [NumaAffinity()]
+    if args is None:
+        return [NumaAffinity()]
+    return [NumaAffinity(mode=args.numa_mode, memory=args.numa_memory, worker_cores=args.worker_cores)]
+
+
+def make_optimizer(name: str, model):
+    """torch.optim.AdamW, or NumaAdamW (node-local buffers, fused step; offloads on GPU)."""
+    import torch
+
+    if name == "numa-adamw":
+        from composer_numa import NumaAdamW
+
+        return NumaAdamW(model.parameters(), lr=1e-2)
+    return torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
     from composer import Trainer
+    from composer.loggers import InMemoryLogger
     from composer.models import ComposerClassifier
     from composer.utils import dist
     from torch.utils.data import DataLoader, TensorDataset
@@ -96,21 +123,23 @@ def main(argv: list[str] | None = None) -> int:
     y = (x @ teacher).argmax(dim=1)
     dataset = TensorDataset(x, y)
     loader = DataLoader(dataset, batch_size=args.batch_size,
-                        sampler=dist.get_sampler(dataset, shuffle=True), drop_last=True)
+                        sampler=dist.get_sampler(dataset, shuffle=True), drop_last=True,
+                        num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
     net = torch.nn.Sequential(
         torch.nn.Linear(features, args.hidden),
         torch.nn.ReLU(),
         torch.nn.Linear(args.hidden, classes),
     )
     model = ComposerClassifier(net, num_classes=classes)
+    numa_log = InMemoryLogger()  # the callback's numa/* hyperparameters and metrics go in the report
     trainer = Trainer(
         model=model,
         train_dataloader=loader,
-        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2),
+        optimizers=make_optimizer(args.optimizer, model),
         max_duration=f"{args.steps}ba",
         device=device,
-        callbacks=numa_callbacks(args.callback),
-        loggers=[],
+        callbacks=numa_callbacks(args.callback, args),
+        loggers=[numa_log],
         progress_bar=False,
         log_to_console=False,
         seed=args.seed,
@@ -126,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         batches=int(trainer.state.timestamp.batch),
         loss=float(trainer.state.loss) if trainer.state.loss is not None else None,
+        numa={k: v for k, v in numa_log.hyperparameters.items() if k.startswith("numa/")},
+        numa_metrics={k: v for k, v in numa_log.most_recent_values.items() if k.startswith("numa/")},
     )
     line = json.dumps(report, sort_keys=True)
     print(f"composer-numa-example {line}", flush=True)

@@ -23,6 +23,7 @@
 #include "adamw.h"
 #include "bandwidth.h"
 #include "cpu_features.h"
+#include "experts.h"
 #include "memory.h"
 #include "workers.h"
 
@@ -323,4 +324,7 @@ NB_MODULE(_C, m) {
   // bandwidth
   m.def("bandwidth", &bandwidth, "kernel"_a, "elements"_a, "cpu_node"_a, "mem_node"_a,
         "passes"_a = 5);
+
+  // experts (NumaExperts kernels; bindings live next to them in experts.cpp)
+  cnuma::register_experts(m);
 }

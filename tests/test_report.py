@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -40,13 +41,24 @@ CASES = [(name, Mode.NODE) for name in SPECS] + [
 ]
 
 
-def _machine(tmp_path, name: str) -> Topology:
-    sys_root, proc_root = build_tree(tmp_path, SPECS[name])
-    return discover(sys_root, proc_root, env={})
+_MACHINES: dict[str, Topology] = {}
 
 
-def _planned(tmp_path, name: str, mode: Mode = Mode.NODE, **kw) -> tuple[Topology, Plan]:
-    topo = _machine(tmp_path, name)
+@pytest.fixture(scope="module")
+def machines(tmp_path_factory):
+    """Discover each fixture machine once per module (the trees are read-only)."""
+
+    def get(name: str) -> Topology:
+        if name not in _MACHINES:
+            sys_root, proc_root = build_tree(tmp_path_factory.mktemp(name), SPECS[name])
+            _MACHINES[name] = discover(sys_root, proc_root, env={})
+        return _MACHINES[name]
+
+    return get
+
+
+def _planned(machines, name: str, mode: Mode = Mode.NODE, **kw) -> tuple[Topology, Plan]:
+    topo = machines(name)
     nproc = kw.pop("nproc", max(1, len(topo.gpus)))
     return topo, plan(topo, PlanOptions(nproc=nproc, mode=mode, **kw))
 
@@ -116,33 +128,33 @@ def _check_schema(d: dict, topo: Topology, p: Plan) -> None:
 
 
 @pytest.mark.parametrize("name,mode", CASES, ids=[f"{n}-{m.value}" for n, m in CASES])
-def test_json_follows_schema_for_every_fixture(tmp_path, name, mode):
-    topo, p = _planned(tmp_path, name, mode)
+def test_json_follows_schema_for_every_fixture(machines, name, mode):
+    topo, p = _planned(machines, name, mode)
     d = to_json(topo, p)
     _check_schema(d, topo, p)
     assert json.loads(render_json(topo, p)) == d
 
 
-def test_json_reports_what_the_fixtures_hold(tmp_path):
-    d = to_json(*_planned(tmp_path / "a", "numa-minus1-multi"))
+def test_json_reports_what_the_fixtures_hold(machines):
+    d = to_json(*_planned(machines, "numa-minus1-multi"))
     assert [g["numa_node"] for g in d["gpus"]] == [1, None]
     assert d["plan"][1]["memory_policy"] == "none"
     assert "gpu-numa-unknown" in {w["code"] for w in d["warnings"]}
 
-    d = to_json(*_planned(tmp_path / "b", "grace-hopper"))
+    d = to_json(*_planned(machines, "grace-hopper"))
     assert [n["has_cpus"] for n in d["nodes"]] == [True, False, False, False]
     assert d["nodes"][1]["memory_total_bytes"] == 96 * GiB and d["nodes"][1]["sockets"] == []
 
-    d = to_json(*_planned(tmp_path / "c", "cpuset-excludes"))
+    d = to_json(*_planned(machines, "cpuset-excludes"))
     assert d["cpuset"] == {"cpus": list(range(8)), "mems": [0]}
     assert d["plan"][1]["cpus"] == list(range(8))
     assert "cpuset-excludes-gpu-node" in {w["code"] for w in d["warnings"]}
 
-    d = to_json(*_planned(tmp_path / "d", "azure-domains"))
+    d = to_json(*_planned(machines, "azure-domains"))
     assert [g["pci_bus_id"][:4] for g in d["gpus"]] == ["0001", "0002", "0003", "0004"]
     assert [n["numa_node"] for n in d["nics"]] == [0, 1]
 
-    d = to_json(*_planned(tmp_path / "e", "cpu-only", nproc=4,
+    d = to_json(*_planned(machines, "cpu-only", nproc=4,
                           memory=MemoryPolicy.BIND, memory_need=200 * GiB))
     assert d["numa_balancing"] is True and d["options"]["memory_need_bytes"] == 200 * GiB
     assert [r["gpu"] for r in d["plan"]] == [None] * 4
@@ -190,15 +202,18 @@ def _columns(section: list[str]) -> list[dict[str, str]]:
         cells = []
         for i, (a, b) in enumerate(spans):
             end = spans[i + 1][0] if i + 1 < len(spans) else len(row)
-            assert row[a - 1:a] in ("", " "), f"cell {i} of {row!r} is not aligned"
-            cells.append(row[a:end].strip())
+            cell = row[a:end]
+            # left-aligned cells start at their column, right-aligned ones end at its edge
+            aligned = cell[:1] != " " or len(row[:b].rstrip()) == b
+            assert row[a - 1:a] in ("", " ") and aligned, f"cell {i} of {row!r} is not aligned"
+            cells.append(cell.strip())
         out.append(dict(zip(names, cells, strict=True)))
     return out
 
 
 @pytest.mark.parametrize("name,mode", CASES, ids=[f"{n}-{m.value}" for n, m in CASES])
-def test_table_lists_every_node_gpu_rank_and_warning(tmp_path, name, mode):
-    topo, p = _planned(tmp_path, name, mode)
+def test_table_lists_every_node_gpu_rank_and_warning(machines, name, mode):
+    topo, p = _planned(machines, name, mode)
     text = render_table(topo, p)
     nodes = _columns(_section(text, "NUMA nodes"))
     assert [r["node"] for r in nodes] == [str(n.id) for n in topo.nodes]
@@ -217,13 +232,15 @@ def test_table_lists_every_node_gpu_rank_and_warning(tmp_path, name, mode):
     flat = " ".join(text.split())
     for w in warnings_of(topo, p):
         assert f"[{w.code}] {w.message}" in flat
-    assert max(len(ln) for ln in _section(text, "Warnings")) <= 100 if warnings_of(topo, p) \
-        else "Warnings: none" in text
+    if warnings_of(topo, p):
+        assert max(len(ln) for ln in _section(text, "Warnings")) <= 100
+    else:
+        assert "Warnings: none" in text
 
 
 @pytest.mark.parametrize("name,mode", CASES, ids=[f"{n}-{m.value}" for n, m in CASES])
-def test_markdown_tables_are_well_formed(tmp_path, name, mode):
-    topo, p = _planned(tmp_path, name, mode)
+def test_markdown_tables_are_well_formed(machines, name, mode):
+    topo, p = _planned(machines, name, mode)
     text = render_markdown(topo, p)
     assert text.startswith("# composer-numa report\n")
     tables = re.findall(r"((?:^\|.*\|\n)+)", text, flags=re.M)
@@ -261,8 +278,8 @@ def _overlap(a, b) -> bool:
 
 
 @pytest.mark.parametrize("name,mode", CASES, ids=[f"{n}-{m.value}" for n, m in CASES])
-def test_svg_draws_each_cpu_in_its_node_coloured_by_its_ranks(tmp_path, name, mode):
-    topo, p = _planned(tmp_path, name, mode)
+def test_svg_draws_each_cpu_in_its_node_coloured_by_its_ranks(machines, name, mode):
+    topo, p = _planned(machines, name, mode)
     root = ET.fromstring(render_svg(topo, p).encode())
     assert root.tag == f"{SVG}svg"
     width, height = float(root.get("width")), float(root.get("height"))
@@ -312,6 +329,20 @@ def test_svg_draws_each_cpu_in_its_node_coloured_by_its_ranks(tmp_path, name, mo
             assert node[0] <= chip[0] and chip[2] <= node[2] and chip[1] >= node[3], \
                 f"GPU {g.index} is not hanging under node {g.numa_node}"
     assert len([k for k in rects if k.startswith("nic-")]) == len(topo.nics)
+    # nodes and devices never cover each other, and a CPU node's devices stay in its socket
+    boxes = {k: _box(e) for k, e in rects.items() if k.split("-")[0] in ("node", "gpu", "nic")}
+    keys = sorted(boxes)
+    for i, k in enumerate(keys):
+        assert _box(rects[k])[3] <= height
+        for k2 in keys[i + 1:]:
+            assert not _overlap(boxes[k], boxes[k2]), f"{k} overlaps {k2}"
+    for dev in (*topo.gpus, *topo.nics):
+        if dev.numa_node is None or not topo.node(dev.numa_node).cpus:
+            continue
+        key = f"gpu-{dev.index}" if isinstance(dev, Gpu) else \
+            "nic-" + dev.pci_bus_id.replace(":", "-")
+        socket = topo.cpu(topo.node(dev.numa_node).cpus[0]).socket
+        assert _inside(boxes[key], _box(rects[f"socket-{socket}"]))
 
     text = " ".join("".join(e.itertext()) for e in root.iter(f"{SVG}text"))
     for r in p.ranks:
@@ -320,8 +351,8 @@ def test_svg_draws_each_cpu_in_its_node_coloured_by_its_ranks(tmp_path, name, mo
         assert f"[{w.code}]" in text
 
 
-def test_svg_of_256_cpus_and_8_nodes_stays_legible(tmp_path):
-    topo, p = _planned(tmp_path, "nps4-256", Mode.EXCLUSIVE)
+def test_svg_of_256_cpus_and_8_nodes_stays_legible(machines):
+    topo, p = _planned(machines, "nps4-256", Mode.EXCLUSIVE)
     assert len(topo.cpus) == 256 and len(topo.nodes) == 8
     root = ET.fromstring(render_svg(topo, p).encode())
     assert float(root.get("width")) <= 1600  # 4 nodes a row, sockets stacked
@@ -364,8 +395,8 @@ def test_rank_colours_are_distinct_and_stable():
     assert colours[:3] == [rank_colour(0), rank_colour(1), rank_colour(2)]
 
 
-def test_render_dispatches_every_format(tmp_path):
-    topo, p = _planned(tmp_path, "snc-amd")
+def test_render_dispatches_every_format(machines):
+    topo, p = _planned(machines, "snc-amd")
     assert render(topo, p, "json") == render_json(topo, p)
     assert render(topo, p, "table") == render_table(topo, p)
     assert render(topo, p, "markdown") == render_markdown(topo, p)
@@ -385,3 +416,17 @@ def test_renderers_accept_a_hand_made_plan():
     root = ET.fromstring(render_svg(topo, p).encode())
     assert _rects(root)["cpu-1"].get("class").split() == ["cpu", "shared", "r0", "r1"]
     assert _rects(root)["cpu-0"].get("fill") == rank_colour(0)
+
+
+def test_docs_example_is_what_the_report_prints(machines):
+    """docs/report-json.md shows real output, and documents every warning code."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "report-json.md").read_text()
+    example = json.loads(re.search(r"```json\n(.*?)```", doc, flags=re.S).group(1))
+    topo, p = _planned(machines, "cpuset-excludes")
+    got = to_json(topo, p)
+    assert {k: v for k, v in example.items() if k != "version"} == \
+        {k: v for k, v in got.items() if k != "version"}
+    documented = set(re.findall(r"^\| `([a-z-]+)` \|", doc, flags=re.M))
+    assert KNOWN_CODES <= documented | {"bind-not-applied", "binding-mismatch"}
+    for key in got:
+        assert f"`{key}`" in doc

@@ -70,7 +70,7 @@ _timings: list[tuple[str, float]] = []
 
 
 def boot_checks(layout: harness.Layout, checks: dict, *, timeout: float = 600,
-                env: dict[str, str] | None = None) -> Boot:
+                check_timeout: float = 240, env: dict[str, str] | None = None) -> Boot:
     """Run ``checks`` in one boot of ``layout``; skip the caller when the rig is unavailable."""
     reason = harness.unavailable_reason()
     if reason:
@@ -81,7 +81,8 @@ def boot_checks(layout: harness.Layout, checks: dict, *, timeout: float = 600,
     guest_env.update(env or {})
     t0 = time.monotonic()
     try:
-        results, vm = harness.run_checks_in_vm(layout, checks, timeout=timeout, env=guest_env)
+        results, vm = harness.run_checks_in_vm(layout, checks, timeout=timeout,
+                                               check_timeout=check_timeout, env=guest_env)
     except harness.VmUnavailable as e:
         pytest.skip(str(e))
     _timings.append((f"{layout.name}: {', '.join(checks)}", time.monotonic() - t0))

@@ -432,14 +432,26 @@ def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
     return out.getvalue()
 
 
+def _is_static_elf(path: Path) -> bool:
+    """A 64-bit little-endian ELF with no PT_INTERP (no dynamic loader needed)."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+            return False
+        phoff, = struct.unpack_from("<Q", head, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    return all(struct.unpack_from("<I", table, i * phentsize)[0] != 3 for i in range(phnum))
+
+
 def _busybox() -> Path:
     for cand in ("/bin/busybox", "/usr/bin/busybox"):
         p = Path(cand)
-        if p.is_file():
-            out = subprocess.run(["file", "-L", str(p)], capture_output=True, text=True).stdout \
-                if shutil.which("file") else "statically linked"
-            if "dynamically" not in out:
-                return p
+        if p.is_file() and _is_static_elf(p):
+            return p
     raise VmUnavailable("no static busybox (install Debian's busybox-static)")
 
 

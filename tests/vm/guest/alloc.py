@@ -7,7 +7,11 @@ line: the process's CPU affinity (every thread), its memory policy read with
 read straight from the kernel with code of its own, so that it checks composer_numa
 rather than agreeing with it.
 
-Usage: alloc.py MIB
+Usage: alloc.py MIB [--touch-from-cpu CPU]
+
+``--touch-from-cpu`` moves the process onto CPU before it touches the memory (after its
+inherited affinity was recorded): pages then land on the policy's node only if the memory
+policy really works, not merely because the process runs there.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import json
 import mmap
 import os
 import re
-import sys
 
 MPOL_NAMES = {0: "default", 1: "preferred", 2: "bind", 3: "interleave", 4: "local",
               5: "preferred-many", 6: "weighted-interleave"}
@@ -85,8 +88,17 @@ def allocate(size: int) -> tuple[object, int]:
 
 
 def main() -> None:
-    mib = int(sys.argv[1])
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mib", type=int)
+    ap.add_argument("--touch-from-cpu", type=int, default=None)
+    args = ap.parse_args()
+    mib = args.mib
     size = mib << 20
+    affinity, threads = sorted(os.sched_getaffinity(0)), thread_affinities()
+    if args.touch_from_cpu is not None:
+        os.sched_setaffinity(0, {args.touch_from_cpu})
     _keep, address = allocate(size)
     numa = mapping_numa(address)
     page_bytes = numa["page_kb"] << 10
@@ -95,8 +107,9 @@ def main() -> None:
     out = {
         "pid": os.getpid(),
         "mib": mib,
-        "affinity": sorted(os.sched_getaffinity(0)),
-        "threads": thread_affinities(),
+        "affinity": affinity,
+        "threads": threads,
+        "touched_from": sorted(os.sched_getaffinity(0)),
         "mempolicy": {"mode": policy, "nodes": nodes},
         "map_policy": numa["policy"],
         "pages": {str(n): c for n, c in sorted(numa["pages"].items())},
