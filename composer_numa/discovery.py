@@ -88,16 +88,17 @@ def _read_nodes(sys_root: Path) -> list[tuple[int, tuple[int, ...], int, int, li
 
 def _cache_domain(cpu_dir: Path) -> tuple[int, ...] | None:
     """CPUs sharing the highest-level unified (or data) cache of this CPU."""
-    best: tuple[int, tuple[int, ...]] | None = None
-    for idx in sorted(cpu_dir.glob("cache/index[0-9]*")):
+    levels = []
+    for idx in cpu_dir.glob("cache/index[0-9]*"):
         level = _read_int(idx / "level")
-        kind = _read(idx / "type")
-        shared = _cpulist(idx / "shared_cpu_list")
-        if level is None or shared is None or kind not in ("Unified", "Data"):
-            continue
-        if best is None or level > best[0] or (level == best[0] and kind == "Unified"):
-            best = (level, shared)
-    return best[1] if best else None
+        if level is not None:
+            levels.append((level, idx))
+    for _, idx in sorted(levels, key=lambda t: (-t[0], t[1].name)):
+        if _read(idx / "type") in ("Unified", "Data"):
+            shared = _cpulist(idx / "shared_cpu_list")
+            if shared is not None:
+                return shared
+    return None
 
 
 def _read_cpus(sys_root: Path, node_of: dict[int, int]) -> list[Cpu]:
@@ -105,25 +106,35 @@ def _read_cpus(sys_root: Path, node_of: dict[int, int]) -> list[Cpu]:
     ids = _cpulist(cpu_dir / "online")
     if ids is None:
         ids = tuple(sorted(int(p.name[3:]) for p in cpu_dir.glob("cpu[0-9]*")))
+    online = set(ids)
     node_cpus: dict[int, list[int]] = {}
     for c, n in node_of.items():
         node_cpus.setdefault(n, []).append(c)
+    # Sibling sets and cache domains are the same for every member, so each is read once:
+    # a 256-CPU machine costs a few hundred file reads instead of thousands.
+    core_of: dict[int, tuple[int, int, tuple[int, ...]]] = {}
+    l3_of: dict[int, tuple[int, ...]] = {}
     out = []
     for cid in ids:
         d = cpu_dir / f"cpu{cid}"
         node = node_of.get(cid, 0)
-        socket = _read_int(d / "topology/physical_package_id")
-        core = _read_int(d / "topology/core_id")
-        siblings = _cpulist(d / "topology/thread_siblings_list") or (cid,)
-        l3 = _cache_domain(d) or tuple(sorted(node_cpus.get(node, [cid])))
-        out.append(Cpu(
-            id=cid,
-            node=node,
-            socket=socket if socket is not None and socket >= 0 else 0,
-            core=core if core is not None else cid,
-            siblings=tuple(s for s in siblings if s in ids) or (cid,),
-            l3=tuple(s for s in l3 if s in ids) or (cid,),
-        ))
+        if cid not in core_of:
+            socket = _read_int(d / "topology/physical_package_id")
+            core = _read_int(d / "topology/core_id")
+            siblings = tuple(s for s in (_cpulist(d / "topology/thread_siblings_list") or ()) if s in online)
+            if cid not in siblings:
+                siblings = (cid,)
+            entry = (socket if socket is not None and socket >= 0 else 0, core if core is not None else cid, siblings)
+            for s in siblings:
+                core_of[s] = entry
+        if cid not in l3_of:
+            l3 = tuple(s for s in (_cache_domain(d) or ()) if s in online)
+            if cid not in l3:
+                l3 = tuple(sorted(node_cpus.get(node, [cid])))
+            for s in l3:
+                l3_of.setdefault(s, l3)
+        socket, core, siblings = core_of[cid]
+        out.append(Cpu(id=cid, node=node, socket=socket, core=core, siblings=siblings, l3=l3_of[cid]))
     return out
 
 

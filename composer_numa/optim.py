@@ -768,7 +768,8 @@ class NumaAdamW(Optimizer):
         Hyper-parameters of each group are taken from the dict; moments and
         step counts are copied into the node-local buffers (converted to this
         optimizer's state dtype). Master weights come from ``master_param``
-        when present, else from the current parameter values.
+        when present, else from the current parameter values (see
+        :meth:`sync_from_params`), so load the model's weights first.
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -801,8 +802,7 @@ class NumaAdamW(Optimizer):
                     buf.exp_avg[off:off + n].zero_()
                     buf.exp_avg_sq[off:off + n].zero_()
                     self._steps[i] = 0.0
-                    if buf.master is not None:
-                        buf.master[off:off + n].copy_(s.host_param.reshape(-1))
+                    self._sync_slot(s)
                     continue
                 for name, dst in (("exp_avg", buf.exp_avg), ("exp_avg_sq", buf.exp_avg_sq)):
                     v = st[name]
@@ -812,16 +812,36 @@ class NumaAdamW(Optimizer):
                     dst[off:off + n].copy_(v.detach().reshape(-1))
                 step = st.get("step", 0)
                 self._steps[i] = float(step.item() if isinstance(step, torch.Tensor) else step)
-                if buf.master is not None:
-                    src = st.get("master_param")
-                    if src is not None and src.dtype == torch.float32 and src.numel() == n:
-                        buf.master[off:off + n].copy_(src.detach().reshape(-1))
-                    else:
-                        buf.master[off:off + n].copy_(s.host_param.reshape(-1))
+                src = st.get("master_param")
+                if buf.master is not None and src is not None and src.dtype == torch.float32 \
+                        and src.numel() == n:
+                    buf.master[off:off + n].copy_(src.detach().reshape(-1))
+                else:
+                    self._sync_slot(s)
         for u in self._units:
             self._refresh_unit_step(u)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    @torch.no_grad()
+    def sync_from_params(self) -> None:
+        """Re-read the parameters into the optimizer's copies: the fp32 master weights
+        and, in offload mode, the host copy of every parameter.
+
+        Call it after changing parameter values outside the optimizer (loading model
+        weights without optimizer state, re-initialising a layer): the next step
+        otherwise starts from the optimizer's own, older copy. ``load_state_dict``
+        does it for every parameter whose state carries no master weights.
+        """
+        for s in self._slots:
+            self._sync_slot(s)
+
+    def _sync_slot(self, s: _Slot) -> None:
+        with torch.no_grad():
+            if self._offload:
+                s.host_param.copy_(s.param.detach())
+            if s.buffer.master is not None:
+                s.buffer.master[s.offset:s.offset + s.numel].copy_(s.param.detach().reshape(-1))
 
     # ----------------------------------------------------------- report --
 

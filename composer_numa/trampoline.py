@@ -63,25 +63,11 @@ def run(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise ComposerNumaError("exec needs a command, e.g. composer-numa exec -- python train.py")
+    doc = _bind(args)
+    if doc is not None:
+        import json
 
-    from composer_numa import bind, rankenv
-    from composer_numa.cli import plan_from_args
-    from composer_numa.diagnostics import emit
-
-    rank = rankenv.resolve(args.local_rank, args.nproc)
-    topology, plan = plan_from_args(args, rank.local_world_size)
-    # Machine-wide warnings once per host: from local rank 0 (launch prints them itself).
-    if rank.local_rank == 0 and args.bound_at == "exec":
-        for diag in (*topology.diagnostics, *plan.warnings):
-            emit(diag, stderr=True)
-    rank_plan = plan.ranks[rank.local_rank]
-    applied = bind.apply(rank_plan, strict=args.strict, set_env=args.thread_env, stderr=True)
-
-    import json
-
-    doc = applied.binding_json(args.bound_at)
-    doc["rank_source"] = rank.source
-    os.environ[BINDING_ENV] = json.dumps(doc, separators=(",", ":"))
+        os.environ[BINDING_ENV] = json.dumps(doc, separators=(",", ":"))
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -97,3 +83,65 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 126
     raise AssertionError("unreachable: execvp returned")  # pragma: no cover
+
+
+def _bind(args: argparse.Namespace) -> dict | None:
+    """Plan and apply; the binding document, or None when the rank runs unbound.
+
+    What the user typed wrong is an error (exit 2). A launcher environment or a
+    machine that cannot be read is a binding problem: warned about, and the
+    command runs unbound, unless ``--strict``.
+    """
+    from composer_numa import bind, rankenv
+    from composer_numa.cli import plan_from_args
+    from composer_numa.cpulist import parse_size
+    from composer_numa.diagnostics import BIND_NOT_APPLIED, Diagnostic, emit
+    from composer_numa.errors import BindError, ComposerNumaError, PlanError, TopologyError
+
+    explicit_rank = args.local_rank is not None or args.nproc is not None
+    if args.memory_need is not None:
+        parse_size(args.memory_need)
+    try:
+        rank = rankenv.resolve(args.local_rank, args.nproc)
+    except ComposerNumaError as e:
+        if explicit_rank:
+            raise
+        return _unbound(f"rank not known: {e}", args.strict)
+    try:
+        topology, plan = plan_from_args(args, rank.local_world_size)
+    except PlanError:
+        raise
+    except TopologyError as e:
+        if args.sysfs_root is not None or args.proc_root is not None:
+            raise
+        return _unbound(f"local rank {rank.local_rank}: machine not readable: {e}", args.strict)
+    except (ComposerNumaError, OSError, ValueError, LookupError) as e:
+        return _unbound(f"local rank {rank.local_rank}: could not plan: {e}", args.strict)
+    # Machine-wide warnings once per host: from local rank 0 (launch prints them itself).
+    if rank.local_rank == 0 and args.bound_at == "exec":
+        for diag in (*topology.diagnostics, *plan.warnings):
+            emit(diag, stderr=True)
+    try:
+        applied = bind.apply(plan.ranks[rank.local_rank], strict=args.strict,
+                             set_env=args.thread_env, stderr=True)
+    except BindError:
+        raise
+    except Exception as e:  # a bug must not stop the job: say so and run unbound
+        emit(Diagnostic(BIND_NOT_APPLIED, f"local rank {rank.local_rank}: binding failed: "
+                        f"{type(e).__name__}: {e} (running unbound)"), stderr=True)
+        if args.strict:
+            raise BindError(f"local rank {rank.local_rank}: binding failed: {e}") from None
+        return None
+    doc = applied.binding_json(args.bound_at)
+    doc["rank_source"] = rank.source
+    return doc
+
+
+def _unbound(reason: str, strict: bool) -> None:
+    from composer_numa.diagnostics import BIND_NOT_APPLIED, Diagnostic, emit
+    from composer_numa.errors import BindError
+
+    if strict:
+        raise BindError(reason)
+    emit(Diagnostic(BIND_NOT_APPLIED, f"{reason} (running the command unbound)"), stderr=True)
+    return None

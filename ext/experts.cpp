@@ -1204,6 +1204,9 @@ experts::DType parse_dtype(const std::string& s) {
 
 void register_experts(nb::module_& m) {
   using experts::Experts;
+  // A layer still referenced when the interpreter exits (a model in a script's
+  // globals) is not a leak worth a warning at shutdown.
+  nb::set_leak_warnings(false);
   nb::class_<Experts>(m, "Experts",
                       "Packed expert slices and their scratch buffers (composer_numa.experts drives it).")
       .def("__init__",

@@ -294,7 +294,11 @@ std::unique_ptr<NodeBuffer> NodeBuffer::allocate(size_t nbytes, const std::vecto
   } else {  // preferred spills to other nodes: the machine as a whole must hold it
     int64_t room = 0;
     for (int n : memory_nodes()) room += node_meminfo(n).available_bytes;
-    if (need > room) refuse(infos[0], need);
+    if (need > room)
+      throw NodeMemoryError("cannot allocate " + human(need) + " preferring NUMA node " +
+                            std::to_string(infos[0].node) + ": the node has " +
+                            human(infos[0].free_bytes) + " free and all allowed nodes together " +
+                            human(room) + " available");
   }
   const int64_t cg = cgroup_room();
   if (cg >= 0 && need > cg)

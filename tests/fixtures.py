@@ -62,7 +62,7 @@ SPECS: dict[str, dict] = {
         "smt": "split",
         "nodes": [{"cpus": f"{16 * i}-{16 * i + 15},{128 + 16 * i}-{128 + 16 * i + 15}", "mem_gib": 192,
                    "l3": _ccx(16 * i, 16 * i + 15, 8, sibling_offset=128)} for i in range(8)],
-        "gpus": [{"pci": f"0000:{0x10 * (2 * i + j) + 0x10:02x}:00.0", "node": i} for i in range(8) for j in range(2)],
+        "gpus": [{"pci": f"0000:{0x08 * (2 * i + j) + 0x08:02x}:00.0", "node": i} for i in range(8) for j in range(2)],
     },
     # PCI order puts node 1's GPUs first: GPU index order is the reverse of node order.
     "reversed-gpus": {

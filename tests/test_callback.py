@@ -219,6 +219,31 @@ def scenario_adopt(out: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
+def scenario_adopt_workers(out: str) -> None:
+    """Started by ``composer-numa exec`` with a whole node: worker cores are carved out of that binding."""
+    from composer.core import Callback
+
+    from composer_numa import NumaAffinity, diagnostics
+
+    class WorkerProbe(Callback):
+        seen: dict = {}
+
+        def batch_end(self, state, logger):
+            iterator = getattr(state.dataloader, "_iterator", None)
+            for w in getattr(iterator, "_workers", None) or ():
+                self.seen[str(w.pid)] = _status(f"/proc/{w.pid}/status", "Cpus_allowed_list")
+
+    result: dict = {"binding": json.loads(os.environ["COMPOSER_NUMA_BINDING"])}
+    diagnostics._emitted.clear()
+    probe = WorkerProbe()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result["run"] = _train(NumaAffinity(worker_cores=1), duration="1ep", num_workers=2, probe=probe)
+    result["run"]["warnings"] = _warning_codes(caught)
+    result["run"]["worker_status"] = probe.seen
+    Path(out).write_text(json.dumps(result))
+
+
 # ---------------------------------------------------------------------------------------------
 # Tests of the scenarios
 # ---------------------------------------------------------------------------------------------
@@ -370,6 +395,22 @@ def test_exec_binding_is_verified_not_replanned(tmp_path):
     assert r["inherited"]["hparams"]["numa/bound_at"] == "callback"
     assert r["inherited"]["hparams"]["numa/local_rank"] == 0
     assert r["inherited"]["affinity"] == want
+
+
+@needs_numa
+@needs_two_cpus
+def test_worker_cores_under_exec_narrow_the_birth_binding_without_mismatch(tmp_path):
+    prefix = ("composer-numa", "exec", "--mode", "node", "--local-rank", "0", "--nproc", "1", "--")
+    if shutil.which("composer-numa") is None:
+        prefix = (sys.executable, "-m", "composer_numa.cli", *prefix[1:])
+    r = run_scenario("adopt_workers", tmp_path / "out.json", prefix=prefix)
+    run, birth = r["run"], r["binding"]["cpus"]
+    hp = run["hparams"]
+    assert hp["numa/bound_at"] == "exec" and hp["numa/warnings"] == "" and run["warnings"] == []
+    reserved, train = _cpulist(hp["numa/worker_cpus"]), _cpulist(hp["numa/cpus"])
+    assert reserved and train and sorted(reserved + train) == birth
+    assert len(run["worker_status"]) == 2 and all(_cpulist(c) == reserved for c in run["worker_status"].values())
+    assert all(_cpulist(c) == train for c in run["threads_cpus"].values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,7 +590,7 @@ def test_importing_composer_numa_does_not_import_torch_or_composer():
 # ---------------------------------------------------------------------------------------------
 
 
-_SCENARIOS = {"single": scenario_single, "adopt": scenario_adopt}
+_SCENARIOS = {"single": scenario_single, "adopt": scenario_adopt, "adopt_workers": scenario_adopt_workers}
 
 if __name__ == "__main__":
     _SCENARIOS[sys.argv[1]](sys.argv[2])

@@ -619,3 +619,54 @@ def test_composer_trainer_trains_the_example_model_to_the_same_loss():
         assert report["batches"] == 12
         losses[name] = report["loss"]
     assert losses["adamw"] == pytest.approx(losses["numa-adamw"], rel=1e-4, abs=1e-6)
+
+
+def test_mixed_dtypes_and_groups_use_several_buffers_and_still_match():
+    start = make([(40,), (17,), (9, 9), (33,)])
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16]
+    ours = [torch.nn.Parameter(p.clone().to(d)) for p, d in zip(start, dtypes, strict=True)]
+    ref = [torch.nn.Parameter(p.clone().to(d).float()) for p, d in zip(start, dtypes, strict=True)]
+
+    def groups(ps):
+        return [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.03, "weight_decay": 0.0}]
+
+    o, r = NumaAdamW(groups(ours), **HYPER), torch.optim.AdamW(groups(ref), **HYPER)
+    assert len(o._buffers) == 2 and len(o._units) == 4  # (fp32, bf16) x two groups
+    for step in range(10):
+        for p, q, g in zip(ours, ref, grads_for(start, step), strict=True):
+            p.grad, q.grad = g.to(p.dtype), g.to(p.dtype).float()
+        o.step(), r.step()
+    for p, q in zip(ours, ref, strict=True):
+        got = o.state[p].get("master_param", p).detach()
+        torch.testing.assert_close(got, q.detach(), **FP32)
+
+
+def test_sync_from_params_after_loading_model_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    o = NumaAdamW(model.parameters(), **HYPER)
+    new = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(new)  # in place: the bf16 params change, the fp32 master does not
+    assert not torch.equal(o.state[model.weight]["master_param"].to(torch.bfloat16),
+                           model.weight.detach())
+    o.sync_from_params()
+    assert torch.equal(o.state[model.weight]["master_param"].to(torch.bfloat16), new["weight"])
+    model.weight.grad = torch.zeros_like(model.weight)
+    model.bias.grad = torch.zeros_like(model.bias)
+    o.step()  # zero gradient, so only weight decay moves the weights away from what was loaded
+    torch.testing.assert_close(model.weight.detach().float(), new["weight"].float() * (1 - 1e-3),
+                               rtol=2**-7, atol=1e-3)
+
+
+def test_offload_state_dict_resyncs_host_copies_from_the_device_params():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    o = NumaAdamW(model.parameters(), offload=True, **HYPER)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    o.step()
+    sd = copy.deepcopy(o.state_dict())
+    with torch.no_grad():
+        model.weight.fill_(0.5)  # "loaded" weights, changed outside the optimizer
+    o.load_state_dict(sd)
+    torch.testing.assert_close(o._slots[0].host_param, model.weight.detach())

@@ -175,8 +175,6 @@ def test_exec_under_a_fake_multi_node_tree_warns_and_still_runs(tmp_path):
     (["exec", "--nproc", "0", "--", "true"], {}, "--nproc must be at least 1"),
     (["exec", "--local-rank", "2", "--nproc", "2", "--", "true"], {}, "is not below"),
     (["exec", "--memory-need", "lots", "--", "true"], {}, "invalid size 'lots'"),
-    (["exec", "--", "true"], {"LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not an integer"),
-    (["exec", "--", "true"], {"LOCAL_RANK": "1"}, "local world size is not set"),
     (["exec", "--sysfs-root", "/nonexistent/sys", "--", "true"], {}, "/nonexistent/sys"),
 ])
 def test_bad_input_is_one_line(args, env, message):
@@ -186,6 +184,24 @@ def test_bad_input_is_one_line(args, env, message):
     lines = out.stderr.strip().splitlines()
     assert message in lines[-1]
     assert len([ln for ln in lines if ln.startswith("composer-numa")]) == 1
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not an integer"),
+    ({"LOCAL_RANK": "1"}, "comes from LOCAL_RANK but the local world size is not set"),
+    ({"SLURM_LOCALID": "0", "SLURM_TASKS_PER_NODE": "4(x"}, "is not a task list"),
+])
+def test_a_broken_launcher_environment_runs_the_command_unbound(env, message):
+    code = "import os; print(os.environ.get('COMPOSER_NUMA_BINDING'))"
+    out = cn("exec", "--", sys.executable, "-c", code, env=clean_env(**env))
+    assert out.returncode == 0
+    assert out.stdout.strip() == "None"
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("composer-numa: warning: [bind-not-applied] rank not known: ")
+    assert message in line and line.endswith("(running the command unbound)")
+    strict = cn("exec", "--strict", "--", "true", env=clean_env(**env))
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr
+    assert strict.stderr.startswith("composer-numa: error: rank not known: ")
 
 
 def test_missing_command_exits_127():
