@@ -409,8 +409,9 @@ class NumaExperts(nn.Module):
     @torch.no_grad()
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The weights in ``nn.Linear`` layout: gate, up ``[E, I, H]`` and down ``[E, H, I]``."""
-        return self._dense([(w13.detach(), w2.detach()) for w13, w2 in
-                            (self._slice_tensors(p) for p in range(len(self._slices)))])
+        pairs = [(w13.detach(), w2.detach()) for w13, w2 in zip(self.w13, self.w2, strict=True)]
+        # replicate: the parameters (first copy) are authoritative; the other copies may lag
+        return self._dense(pairs * len(self._slices) if self.placement == "replicate" else pairs)
 
     @torch.no_grad()
     def dense_grads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
