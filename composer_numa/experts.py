@@ -326,12 +326,12 @@ class NumaExperts(nn.Module):
 
     @torch.no_grad()
     def _load_expert(self, e: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-        H, Hp, I, kp = self.hidden, self.hidden_padded, self.intermediate, self._kp
+        H, Hp, inter, kp = self.hidden, self.hidden_padded, self.intermediate, self._kp
         for p, s in enumerate(self._slices):
             if e not in s.experts:
                 continue
             le = s.experts.index(e)
-            n = max(0, min(I, s.lo + s.rows) - s.lo)  # logical rows in this slice
+            n = max(0, min(inter, s.lo + s.rows) - s.lo)  # logical rows in this slice
             g = torch.zeros(s.rows, Hp, dtype=self.dtype)
             u = torch.zeros(s.rows, Hp, dtype=self.dtype)
             d = torch.zeros(Hp, s.rows, dtype=self.dtype)
@@ -357,15 +357,15 @@ class NumaExperts(nn.Module):
         for name, t in (("gate", gate), ("up", up), ("down", down)):
             if not isinstance(t, torch.Tensor) or t.dim() != 3:
                 raise ValueError(f"NumaExperts.from_dense: {name} must be a 3-D tensor")
-        E, I, H = gate.shape
-        if tuple(up.shape) != (E, I, H) or tuple(down.shape) != (E, H, I):
+        E, inter, H = gate.shape
+        if tuple(up.shape) != (E, inter, H) or tuple(down.shape) != (E, H, inter):
             raise ValueError(
                 f"NumaExperts.from_dense: expected gate and up [E, intermediate, hidden] and down "
                 f"[E, hidden, intermediate]; got gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
                 f"down {tuple(down.shape)}"
             )
         options.setdefault("dtype", gate.dtype if gate.dtype in _DTYPES else torch.bfloat16)
-        layer = cls(E, H, I, init=False, **options)
+        layer = cls(E, H, inter, init=False, **options)
         with torch.no_grad():
             for e in range(E):
                 layer._load_expert(e, gate[e].detach().cpu(), up[e].detach().cpu(), down[e].detach().cpu())
@@ -422,7 +422,7 @@ class NumaExperts(nn.Module):
         return self._dense(pairs * len(self._slices) if self.placement == "replicate" else pairs)
 
     def _dense(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-        E, H, I = self.num_experts, self.hidden, self.intermediate
+        E, H, inter = self.num_experts, self.hidden, self.intermediate
         gate = torch.zeros(E, self.intermediate_padded, H, dtype=self.dtype)
         up = torch.zeros_like(gate)
         down = torch.zeros(E, H, self.intermediate_padded, dtype=self.dtype)
@@ -432,7 +432,7 @@ class NumaExperts(nn.Module):
                 gate[e, a:b] = _unpack(w13[le, :, 0])[s.row0:s.row1, :H]
                 up[e, a:b] = _unpack(w13[le, :, 1])[s.row0:s.row1, :H]
                 down[e, :, a:b] = _unpack(w2[le])[:H, s.row0:s.row1]
-        return gate[:, :I].contiguous(), up[:, :I].contiguous(), down[:, :, :I].contiguous()
+        return gate[:, :inter].contiguous(), up[:, :inter].contiguous(), down[:, :, :inter].contiguous()
 
     # ------------------------------------------------------------ forward --
 
@@ -456,7 +456,7 @@ class NumaExperts(nn.Module):
         return ids, weights
 
     def _check_inputs(self, x: Any, ids: Any, weights: Any) -> None:
-        if not isinstance(x, torch.Tensor) or not isinstance(ids, torch.Tensor) or not isinstance(weights, torch.Tensor):
+        if not all(isinstance(t, torch.Tensor) for t in (x, ids, weights)):
             raise TypeError("NumaExperts: x, topk_ids and topk_weights must be tensors")
         if x.dim() != 2 or x.shape[1] != self.hidden:
             raise ValueError(f"NumaExperts: x must be [tokens, {self.hidden}], got shape {tuple(x.shape)}")

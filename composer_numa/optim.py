@@ -203,6 +203,22 @@ class _Unit:
     prefetched: Any = None  # offload: copy handle launched during backward
 
 
+class _SlotState(dict):
+    """One parameter's state. Its tensors are views of the optimizer's buffers, so
+    assigning a tensor to an existing key copies into the buffer instead of replacing
+    it: code that "moves the optimizer state to the device" (Composer's Trainer does)
+    leaves the state node-local and the kernels keep seeing it."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        current = self.get(key)
+        if isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor) \
+                and value is not current and value.numel() == current.numel():
+            with torch.no_grad():
+                current.copy_(value.reshape(current.shape))
+            return
+        super().__setitem__(key, value)
+
+
 class _HostCopies:
     """Copy engine for offload with CPU stand-in "device" tensors: synchronous.
 
@@ -538,13 +554,13 @@ class NumaAdamW(Optimizer):
         self.state.clear()
         for i, s in enumerate(self._slots):
             buf, off, n, shape = s.buffer, s.offset, s.numel, s.param.shape
-            st: dict[str, Any] = {
-                "step": self._steps[i],
-                "exp_avg": buf.exp_avg[off:off + n].view(shape),
-                "exp_avg_sq": buf.exp_avg_sq[off:off + n].view(shape),
-            }
+            st = _SlotState(
+                step=self._steps[i],
+                exp_avg=buf.exp_avg[off:off + n].view(shape),
+                exp_avg_sq=buf.exp_avg_sq[off:off + n].view(shape),
+            )
             if buf.master is not None:
-                st["master_param"] = buf.master[off:off + n].view(shape)
+                dict.__setitem__(st, "master_param", buf.master[off:off + n].view(shape))
             self.state[s.param] = st
             if self._offload or not s.param.requires_grad:
                 continue
@@ -584,6 +600,19 @@ class NumaAdamW(Optimizer):
                 unit.prefetched = self._copies.to_host(self._download_pairs(unit))
 
         return hook
+
+    def _ensure_layout(self) -> None:
+        """Re-lay-out, keeping the state, when the parameters moved (e.g. the Trainer put the
+        model on the GPU after the optimizer was built, or someone replaced ``p.data``)."""
+        if not self._slots:
+            return
+        s = self._slots[0]
+        p = s.param
+        moved = p.device != self._device or p.dtype != s.buffer.param_dtype or (
+            not self._offload and s.numel > 0 and p.data_ptr() != s.host_param.data_ptr())
+        if moved:
+            log.info("NumaAdamW: parameters moved to %s; re-laying out the buffers", p.device)
+            self._build()
 
     def _refresh_unit_step(self, u: _Unit) -> None:
         if u.first == u.last:
@@ -700,6 +729,7 @@ class NumaAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._ensure_layout()
         hypers = self._group_scalars(1.0 if grad_scale is None else grad_scale)
         all_have = self._collect_grads()
         if not self._offload:
@@ -744,6 +774,7 @@ class NumaAdamW(Optimizer):
         so unused parameters are skipped as with torch). Offload: the device
         gradients are handled as by ``torch.optim.Optimizer.zero_grad``.
         """
+        self._ensure_layout()
         for u in self._units:
             u.pending.clear()
             u.prefetched = None
@@ -762,6 +793,15 @@ class NumaAdamW(Optimizer):
 
     # -------------------------------------------------------- state dict --
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.AdamW``'s format: per parameter ``step``, ``exp_avg``,
+        ``exp_avg_sq`` (and ``master_param`` for bf16 parameters with master weights),
+        as views of the node-local buffers (like torch, references, not copies)."""
+        self._ensure_layout()
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from ``NumaAdamW`` or ``torch.optim.AdamW``.
 
@@ -771,6 +811,7 @@ class NumaAdamW(Optimizer):
         when present, else from the current parameter values (see
         :meth:`sync_from_params`), so load the model's weights first.
         """
+        self._ensure_layout()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:

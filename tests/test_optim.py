@@ -670,3 +670,41 @@ def test_offload_state_dict_resyncs_host_copies_from_the_device_params():
         model.weight.fill_(0.5)  # "loaded" weights, changed outside the optimizer
     o.load_state_dict(sd)
     torch.testing.assert_close(o._slots[0].host_param, model.weight.detach())
+
+
+def test_state_assignments_copy_into_the_buffers():
+    """Composer's Trainer reassigns every state tensor (optimizer_to_device)."""
+    model = _mlp()
+    o = NumaAdamW(model.parameters())
+    views = {k: v for k, v in o.state[model[0].weight].items()}
+    for st in o.state.values():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                st[k] = v.clone().fill_(3.0)
+    for k, v in o.state[model[0].weight].items():
+        assert v is views[k] and bool((v == 3.0).all())
+    assert float(o._buffers[0].exp_avg[0]) == 3.0
+    assert all(type(st) is dict for st in o.state_dict()["state"].values())
+
+
+def test_parameters_replaced_after_construction_are_relaid_out_with_their_state():
+    a, b = _mlp(), _mlp()
+    oa, ob = NumaAdamW(a.parameters(), **HYPER), torch.optim.AdamW(b.parameters(), **HYPER)
+    x = torch.randn(8, 8)
+    for model, opt in ((a, oa), (b, ob)):
+        model(x).sum().backward()
+        opt.step()
+    # what module.to(device) does: new storage behind the same Parameter objects
+    for model in (a, b):
+        for p in model.parameters():
+            p.data = p.data.clone()
+            p.grad = None
+    for model, opt in ((a, oa), (b, ob)):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
+    (buf,) = oa._buffers
+    assert all(buf.param.data_ptr() <= p.data_ptr() < buf.param.data_ptr() + buf.numel * 4
+               for p in a.parameters())

@@ -1,6 +1,6 @@
 """Fixtures for the QEMU NUMA guests (see tests/vm/harness.py).
 
-Every test under tests/vm gets the ``vm`` marker (deselect with ``-m "not vm"``, or set
+Every test in tests/vm/test_vm_*.py boots a guest and gets the ``vm`` marker (deselect with ``-m "not vm"``, or set
 ``COMPOSER_NUMA_VM=0``). Tests skip with the reason when qemu, the kernel or 9p support is
 missing; the kernel itself is downloaded into tests/vm/.cache on first use.
 """
@@ -21,7 +21,8 @@ _VM_DIR = Path(__file__).resolve().parent
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if _VM_DIR in Path(str(item.fspath)).resolve().parents:
+        path = Path(str(item.fspath)).resolve()
+        if path.parent == _VM_DIR and path.name.startswith("test_vm_"):
             item.add_marker(pytest.mark.vm)
 
 

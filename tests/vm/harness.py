@@ -384,6 +384,8 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 exec </dev/console >/dev/console 2>&1
+ip link set lo up || ifconfig lo 127.0.0.1 up  # torch.distributed's store talks over loopback
+hostname numa-guest
 fatal() { echo "VMRIG-FATAL: $*"; poweroff -f; sleep 5; }
 for m in $(cat /modules.list); do
   insmod /lib/modules/$m.ko || fatal "insmod $m failed"

@@ -28,9 +28,13 @@ def boot():
                        env={"COMPOSER_NUMA_GPUS": ""})
 
 
+def _head_tail(text: str, n: int = 1500) -> str:
+    return text if len(text) <= 2 * n else f"{text[:n]}\n[...]\n{text[-n:]}"
+
+
 def _reports(boot) -> list[dict]:
     r = boot["launch"]
-    logs = "\n".join(f"--- {k}\n{v.decode(errors='replace')[-2000:]}"
+    logs = "\n".join(f"--- {k}\n{_head_tail(v.decode(errors='replace'))}"
                      for k, v in boot.vm.files.items() if k.startswith("rank"))
     assert r.returncode == 0, r.describe() + "\n" + logs
     files = {k: v for k, v in boot.vm.files.items() if k.startswith("reports/")}

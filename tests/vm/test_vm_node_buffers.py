@@ -23,7 +23,9 @@ pytestmark = pytest.mark.skipif(bool(EXT_MISSING), reason=str(EXT_MISSING))
 
 @pytest.fixture(scope="module")
 def out():
-    boot = boot_checks(TWO_NODES, {"buffers": py("node_buffers.py", str(MIB))})
+    # importing torch under TCG takes from 30 s to minutes on a busy host
+    boot = boot_checks(TWO_NODES, {"buffers": py("node_buffers.py", str(MIB))}, timeout=720,
+                       check_timeout=600)
     return boot.ok_json("buffers")
 
 
@@ -59,7 +61,7 @@ def test_too_big_for_the_node_is_a_memory_error(out):
 
 
 def test_numa_adamw_split_over_both_nodes(out):
-    assert out["adamw_max_rel_err"] < 1e-5
+    assert out["adamw_excess"] <= 0, out["adamw_excess"]
     buffers = out["adamw_buffers"]
     assert sorted(b["node"] for b in buffers) == [0, 1]
     for b in buffers:
