@@ -95,6 +95,18 @@ def _unpack(p: torch.Tensor) -> torch.Tensor:
     return p.permute(0, 2, 1, 3).reshape(nb * _BLOCK, kb * kp)
 
 
+def _pack_pairs(w: torch.Tensor, kp: int) -> torch.Tensor:
+    """[N, K] -> [N/32, K/kp, 2, 16, kp]: neighbouring 16-row blocks interleaved per k-step."""
+    nb, kb, _, _ = (p := _pack(w, kp)).shape
+    return p.reshape(nb // 2, 2, kb, _BLOCK, kp).transpose(1, 2)
+
+
+def _unpack_pairs(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_pack_pairs`."""
+    ns, kb, _, _, kp = p.shape
+    return _unpack(p.transpose(1, 2).reshape(ns * 2, kb, _BLOCK, kp))
+
+
 @dataclass
 class ExpertsReport:
     """What :meth:`NumaExperts.report` found: placement, memory and the decode roofline.
@@ -231,11 +243,12 @@ class NumaExperts(nn.Module):
             [[s.experts.index(e) if e in s.experts else -1 for e in range(num_experts)] for s in self._slices],
             [s.rows for s in self._slices], [s.row0 for s in self._slices], [s.row1 for s in self._slices],
         )
-        # One node-local buffer per slice holds its w13 and w2. With replicate only
-        # the first copy is a parameter; the others follow it (see _sync_replicas).
-        self.w13 = nn.ParameterList()
-        self.w2 = nn.ParameterList()
+        # One node-local buffer per slice holds its w13 and w2, registered as
+        # parameters w13_<p>, w2_<p> in slice order (optimizers that spread
+        # parameters over nodes in order then keep each slice together). With
+        # replicate only the first copy is a parameter; the others follow it.
         self._replicas: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._num_param_slices = 0
         for p, s in enumerate(self._slices):
             n13, n2 = self._impl.w13_elements(p), self._impl.w2_elements(p)
             buf = memory.empty(n13 + n2, dtype, node=s.node, policy="bind")
@@ -244,8 +257,9 @@ class NumaExperts(nn.Module):
             if placement == "replicate" and p > 0:
                 self._replicas.append((w13, w2))
             else:
-                self.w13.append(nn.Parameter(w13))
-                self.w2.append(nn.Parameter(w2))
+                self.register_parameter(f"w13_{p}", nn.Parameter(w13))
+                self.register_parameter(f"w2_{p}", nn.Parameter(w2))
+                self._num_param_slices += 1
         self._synced: tuple | None = None
         self._stale = False
         if init:
@@ -254,6 +268,16 @@ class NumaExperts(nn.Module):
         log.debug("NumaExperts: %s over nodes %s, %s per copy", placement, node_list, format_size(self.weight_bytes))
 
     # ------------------------------------------------------------ layout --
+
+    @property
+    def w13(self) -> list[nn.Parameter]:
+        """Each slice's packed gate and up weights ``[experts, rows/16, hidden/kp, 2, 16, kp]``."""
+        return [getattr(self, f"w13_{p}") for p in range(self._num_param_slices)]
+
+    @property
+    def w2(self) -> list[nn.Parameter]:
+        """Each slice's packed down weights ``[experts, hidden/32, rows/kp, 2, 16, kp]``."""
+        return [getattr(self, f"w2_{p}") for p in range(self._num_param_slices)]
 
     @staticmethod
     def _resolve_nodes(nodes: str | int | Sequence[int]) -> list[int]:
@@ -275,11 +299,11 @@ class NumaExperts(nn.Module):
 
     def _w13_shape(self, s: _Slice) -> tuple[int, ...]:
         kp = self._kp
-        return (len(s.experts), s.rows // _BLOCK, 2, self.hidden_padded // kp, _BLOCK, kp)
+        return (len(s.experts), s.rows // _BLOCK, self.hidden_padded // kp, 2, _BLOCK, kp)
 
     def _w2_shape(self, s: _Slice) -> tuple[int, ...]:
         kp = self._kp
-        return (len(s.experts), self.hidden_padded // _BLOCK, s.rows // kp, _BLOCK, kp)
+        return (len(s.experts), self.hidden_padded // (2 * _BLOCK), s.rows // kp, 2, _BLOCK, kp)
 
     def _copy_bytes(self) -> int:
         return 3 * self.num_experts * self.intermediate_padded * self.hidden_padded * (2 if self._kp == 2 else 4)
@@ -339,9 +363,9 @@ class NumaExperts(nn.Module):
             u[:n, :H] = up[s.lo:s.lo + n]
             d[:H, :n] = down[:, s.lo:s.lo + n]
             w13, w2 = self._slice_tensors(p)
-            w13[le, :, 0].copy_(_pack(g, kp))
-            w13[le, :, 1].copy_(_pack(u, kp))
-            w2[le].copy_(_pack(d, kp))
+            w13[le, :, :, 0].copy_(_pack(g, kp))
+            w13[le, :, :, 1].copy_(_pack(u, kp))
+            w2[le].copy_(_pack_pairs(d, kp))
 
     @classmethod
     def from_dense(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, **options: Any) -> NumaExperts:
@@ -429,9 +453,9 @@ class NumaExperts(nn.Module):
         for s, (w13, w2) in zip(self._slices, pairs, strict=True):
             a, b = s.lo + s.row0, s.lo + s.row1  # padded rows this slice is responsible for
             for le, e in enumerate(s.experts):
-                gate[e, a:b] = _unpack(w13[le, :, 0])[s.row0:s.row1, :H]
-                up[e, a:b] = _unpack(w13[le, :, 1])[s.row0:s.row1, :H]
-                down[e, :, a:b] = _unpack(w2[le])[:H, s.row0:s.row1]
+                gate[e, a:b] = _unpack(w13[le, :, :, 0])[s.row0:s.row1, :H]
+                up[e, a:b] = _unpack(w13[le, :, :, 1])[s.row0:s.row1, :H]
+                down[e, :, a:b] = _unpack_pairs(w2[le])[:H, s.row0:s.row1]
         return gate[:, :inter].contiguous(), up[:, :inter].contiguous(), down[:, :, :inter].contiguous()
 
     # ------------------------------------------------------------ forward --

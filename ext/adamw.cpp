@@ -85,19 +85,21 @@ CNUMA_AVX2 inline __m256 ld8(const void* p, int64_t i, DType d) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-CNUMA_AVX2 inline void st8(void* p, int64_t i, __m256 x, DType d) {
-  if (d == DType::F32) {
-    _mm256_storeu_ps(static_cast<float*>(p) + i, x);
-    return;
-  }
+CNUMA_AVX2 inline __m128i to_bf16x8(__m256 x) {
   const __m256i u = _mm256_castps_si256(x);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
   const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
   r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i),
-                   _mm256_castsi256_si128(packed));
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8));
+}
+
+CNUMA_AVX2 inline void st8(void* p, int64_t i, __m256 x, DType d) {
+  if (d == DType::F32) {
+    _mm256_storeu_ps(static_cast<float*>(p) + i, x);
+    return;
+  }
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), to_bf16x8(x));
 }
 
 template <DType P, DType G, DType S, bool M>
@@ -109,6 +111,8 @@ CNUMA_AVX2 void run_avx2(const AdamWJob& j, int64_t b, int64_t e) {
   const __m256 b2 = _mm256_set1_ps(s.beta2), omb2 = _mm256_set1_ps(s.one_minus_beta2);
   const __m256 bc2 = _mm256_set1_ps(s.bias_correction2_sqrt), eps = _mm256_set1_ps(s.eps);
   const __m256 nss = _mm256_set1_ps(s.neg_step_size);
+  uint16_t* const p16 = static_cast<uint16_t*>(j.param);
+  const bool stream = M && P == DType::BF16 && (reinterpret_cast<uintptr_t>(p16 + b) & 15) == 0;
   int64_t i = b;
   for (; i + 8 <= e; i += 8) {
     const __m256 g = _mm256_mul_ps(ld8(j.grad, i, G), factor);
@@ -121,10 +125,14 @@ CNUMA_AVX2 void run_avx2(const AdamWJob& j, int64_t b, int64_t e) {
     const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), bc2), eps);
     p = _mm256_add_ps(p, _mm256_div_ps(_mm256_mul_ps(nss, m), denom));
     if (M) _mm256_storeu_ps(j.master + i, p);
-    st8(j.param, i, p, P);
+    if (stream)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p16 + i), to_bf16x8(p));
+    else
+      st8(j.param, i, p, P);
     st8(j.exp_avg, i, m, S);
     st8(j.exp_avg_sq, i, v, S);
   }
+  if (stream) _mm_sfence();
   for (; i < e; ++i) update1<P, G, S, M>(j, i, small);
 }
 
@@ -136,18 +144,22 @@ CNUMA_AVX512 inline __m512 ld16(const void* p, int64_t i, __mmask16 k, DType d) 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-CNUMA_AVX512 inline void st16(void* p, int64_t i, __m512 x, __mmask16 k, DType d) {
-  if (d == DType::F32) {
-    _mm512_mask_storeu_ps(static_cast<float*>(p) + i, k, x);
-    return;
-  }
-  // Integer rounding rather than vcvtneps2bf16, which flushes denormals.
+// Integer rounding rather than vcvtneps2bf16, which flushes denormals.
+CNUMA_AVX512 inline __m256i to_bf16x16(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, k, _mm512_cvtepi32_epi16(r));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+CNUMA_AVX512 inline void st16(void* p, int64_t i, __m512 x, __mmask16 k, DType d) {
+  if (d == DType::F32) {
+    _mm512_mask_storeu_ps(static_cast<float*>(p) + i, k, x);
+    return;
+  }
+  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, k, to_bf16x16(x));
 }
 
 template <DType P, DType G, DType S, bool M>
@@ -159,6 +171,10 @@ CNUMA_AVX512 void run_avx512(const AdamWJob& j, int64_t b, int64_t e) {
   const __m512 b2 = _mm512_set1_ps(s.beta2), omb2 = _mm512_set1_ps(s.one_minus_beta2);
   const __m512 bc2 = _mm512_set1_ps(s.bias_correction2_sqrt), eps = _mm512_set1_ps(s.eps);
   const __m512 nss = _mm512_set1_ps(s.neg_step_size);
+  // With master weights the bf16 parameter copy is only written: stream it past the
+  // cache (no read-for-ownership), when aligned. Values are unchanged.
+  uint16_t* const p16 = static_cast<uint16_t*>(j.param);
+  const bool stream = M && P == DType::BF16 && (reinterpret_cast<uintptr_t>(p16 + b) & 31) == 0;
   for (int64_t i = b; i < e; i += 16) {
     const int64_t left = e - i;
     const __mmask16 k = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
@@ -172,10 +188,14 @@ CNUMA_AVX512 void run_avx512(const AdamWJob& j, int64_t b, int64_t e) {
     const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), bc2), eps);
     p = _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(nss, m), denom));
     if (M) _mm512_mask_storeu_ps(j.master + i, k, p);
-    st16(j.param, i, p, k, P);
+    if (stream && left >= 16)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p16 + i), to_bf16x16(p));
+    else
+      st16(j.param, i, p, k, P);
     st16(j.exp_avg, i, m, k, S);
     st16(j.exp_avg_sq, i, v, k, S);
   }
+  if (stream) _mm_sfence();  // streamed stores visible before the pool reports completion
 }
 
 // ------------------------------------------------------------ dispatch ----

@@ -1,6 +1,6 @@
 // Fused AdamW: one streaming pass per element (grad, m, v, param in; param,
-// m, v out) with torch.optim.AdamW's operation order, in AVX-512, AVX2 and
-// scalar versions that give identical bits, run on the pinned workers.
+// m, v out) with torch.optim.AdamW's operations in torch's order, in AVX-512,
+// AVX2 and scalar versions that give identical bits, run on the pinned workers.
 #pragma once
 
 #include <cstdint>

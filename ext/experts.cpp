@@ -27,13 +27,11 @@ namespace experts {
 namespace {
 
 #define CN_INLINE inline __attribute__((always_inline))
-#define CN_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,f16c")))
-#define CN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2,f16c")))
-#define CN_BF16DOT \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,bmi,bmi2,f16c")))
-#define CN_AMX                                                                              \
-  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16," \
-                        "avx2,fma,bmi,bmi2,f16c")))
+// Only the features cnuma::simd_level() and choose_path() check for each path.
+#define CN_AVX2 __attribute__((target("avx2,fma")))
+#define CN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define CN_BF16DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
+#define CN_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 
 // Experts with at least this many tokens use AMX tiles (16 token rows each):
 // one tile product covers a kilobyte of weights in 16 cycles, so even a few
@@ -165,6 +163,7 @@ Path choose_path(DType dtype) {
 struct FwdItem {
   const void* b0;      // first block (its first k-step)
   const void* b1;      // second block
+  int64_t ks;          // elements from one k-step of a block to the next
   int64_t K;           // reduction length in elements (even)
   const void* x;       // first token row: fp32, or bf16 when Path::dot
   int64_t xs;          // token row stride in elements
@@ -228,10 +227,10 @@ void fwd_item_scalar(const FwdItem& a) {
         float acc = 0.0f;
         if (a.wbf16) {
           const uint16_t* w = static_cast<const uint16_t*>(b);
-          for (int64_t k = 0; k < a.K; ++k) acc += bf16_to_f32(w[(k >> 1) * 32 + r * 2 + (k & 1)]) * x[k];
+          for (int64_t k = 0; k < a.K; ++k) acc += bf16_to_f32(w[(k >> 1) * a.ks + r * 2 + (k & 1)]) * x[k];
         } else {
           const float* w = static_cast<const float*>(b);
-          for (int64_t k = 0; k < a.K; ++k) acc += w[k * 16 + r] * x[k];
+          for (int64_t k = 0; k < a.K; ++k) acc += w[k * a.ks + r] * x[k];
         }
         o[half * 16 + r] = acc;
       }
@@ -242,13 +241,13 @@ void fwd_item_scalar(const FwdItem& a) {
 
 // One block times C tokens of fp32 input; out[c * 32 + row].
 template <int C, bool WB>
-CN_INLINE void mk_vec(const void* blk, int64_t K, const float* x, int64_t xs, float* out) {
+CN_INLINE void mk_vec(const void* blk, int64_t ks, int64_t K, const float* x, int64_t xs, float* out) {
   vf acc[C];
   for (int c = 0; c < C; ++c) acc[c] = vf{};
   if constexpr (WB) {
     const uint16_t* w = static_cast<const uint16_t*>(blk);
     for (int64_t kp = 0; kp < K / 2; ++kp) {
-      const vu v = ldpairs(w + kp * 32);
+      const vu v = ldpairs(w + kp * ks);
       const vf lo = pair_lo(v), hi = pair_hi(v);
       for (int c = 0; c < C; ++c) {
         acc[c] += lo * x[c * xs + 2 * kp];
@@ -258,7 +257,7 @@ CN_INLINE void mk_vec(const void* blk, int64_t K, const float* x, int64_t xs, fl
   } else {
     const float* w = static_cast<const float*>(blk);
     for (int64_t k = 0; k < K; ++k) {
-      const vf v = ldf(w + k * 16);
+      const vf v = ldf(w + k * ks);
       for (int c = 0; c < C; ++c) acc[c] += v * x[c * xs + k];
     }
   }
@@ -269,8 +268,8 @@ template <int CMAX, bool WB, int C = 1>
 CN_INLINE void mk_vec_n(int64_t n, const FwdItem& a, const float* x, float* out) {
   if constexpr (C <= CMAX) {
     if (n == C) {
-      mk_vec<C, WB>(a.b0, a.K, x, a.xs, out);
-      mk_vec<C, WB>(a.b1, a.K, x, a.xs, out + 16);
+      mk_vec<C, WB>(a.b0, a.ks, a.K, x, a.xs, out);
+      mk_vec<C, WB>(a.b1, a.ks, a.K, x, a.xs, out + 16);
       return;
     }
     mk_vec_n<CMAX, WB, C + 1>(n, a, x, out);
@@ -304,15 +303,15 @@ CN_AVX512 void fwd_item_avx512(const FwdItem& a) {
 // Both blocks times C bf16 tokens: each 64-byte weight load feeds C dot products,
 // so for few tokens the weights stream from memory exactly once.
 template <int C>
-CN_BF16DOT inline void mk_dot(const uint16_t* b0, const uint16_t* b1, int64_t K, const uint16_t* x,
-                              int64_t xs, float* out) {
+CN_BF16DOT inline void mk_dot(const uint16_t* b0, const uint16_t* b1, int64_t ks, int64_t K,
+                              const uint16_t* x, int64_t xs, float* out) {
   __m512 a0[C], a1[C];
   for (int c = 0; c < C; ++c) a0[c] = a1[c] = _mm512_setzero_ps();
   for (int64_t kp = 0; kp < K / 2; ++kp) {
-    _mm_prefetch(reinterpret_cast<const char*>(b0 + kp * 32 + kPrefetch), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(b1 + kp * 32 + kPrefetch), _MM_HINT_T0);
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(b0 + kp * 32);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(b1 + kp * 32);
+    _mm_prefetch(reinterpret_cast<const char*>(b0 + kp * ks + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b1 + kp * ks + kPrefetch), _MM_HINT_T0);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(b0 + kp * ks);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(b1 + kp * ks);
     for (int c = 0; c < C; ++c) {
       int32_t pair;
       std::memcpy(&pair, x + c * xs + 2 * kp, 4);
@@ -333,8 +332,8 @@ template <int C = 1>
 CN_BF16DOT inline void mk_dot_n(int64_t n, const FwdItem& a, const uint16_t* x, float* out) {
   if constexpr (C <= kDotMax) {
     if (n == C) {
-      mk_dot<C>(static_cast<const uint16_t*>(a.b0), static_cast<const uint16_t*>(a.b1), a.K, x, a.xs,
-                out);
+      mk_dot<C>(static_cast<const uint16_t*>(a.b0), static_cast<const uint16_t*>(a.b1), a.ks, a.K, x,
+                a.xs, out);
       return;
     }
     mk_dot_n<C + 1>(n, a, x, out);
@@ -359,13 +358,13 @@ struct alignas(64) TileConfig {
 };
 
 // AMX: C tiles 0-3 = (tokens 0-15, 16-31) x (block 0, block 1); A tiles 4-5 hold
-// 16 token rows x 32 k; B tiles 6-7 are 32 k of one block, which is exactly one
-// kilobyte of the packed layout. Rows past the last token read spare rows and
-// are discarded.
+// 16 token rows x 32 k; B tiles 6-7 are 32 k of one block: 16 k-steps of the
+// packed layout, one 64-byte row each. Rows past the last token read spare
+// rows and are discarded.
 template <bool TWO>
-CN_AMX inline void amx_tiles(const uint16_t* b0, const uint16_t* b1, int64_t K, const uint16_t* x,
-                             int64_t xs, float* out) {
-  const int64_t stride = xs * 2;
+CN_AMX inline void amx_tiles(const uint16_t* b0, const uint16_t* b1, int64_t ks, int64_t K,
+                             const uint16_t* x, int64_t xs, float* out) {
+  const int64_t stride = xs * 2, bstride = ks * 2;
   _tile_zero(0);
   _tile_zero(1);
   if (TWO) {
@@ -374,8 +373,8 @@ CN_AMX inline void amx_tiles(const uint16_t* b0, const uint16_t* b1, int64_t K, 
   }
   for (int64_t k = 0; k < K; k += 32) {
     _tile_loadd(4, x + k, stride);
-    _tile_loadd(6, b0 + k * 16, 64);
-    _tile_loadd(7, b1 + k * 16, 64);
+    _tile_loadd(6, b0 + (k >> 1) * ks, bstride);
+    _tile_loadd(7, b1 + (k >> 1) * ks, bstride);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     if (TWO) {
@@ -410,9 +409,9 @@ CN_AMX void fwd_item_amx(const FwdItem& a) {
     const int64_t n = std::min<int64_t>(32, a.m - c0);
     const uint16_t* x = static_cast<const uint16_t*>(a.x) + c0 * a.xs;
     if (n > 16)
-      amx_tiles<true>(b0, b1, a.K, x, a.xs, out);
+      amx_tiles<true>(b0, b1, a.ks, a.K, x, a.xs, out);
     else
-      amx_tiles<false>(b0, b1, a.K, x, a.xs, out);
+      amx_tiles<false>(b0, b1, a.ks, a.K, x, a.xs, out);
     for (int64_t c = 0; c < n; ++c) epilogue_vec(a, c0 + c, out + c * 32, true);
   }
   _tile_release();
@@ -448,12 +447,15 @@ struct Rows {
 };
 
 // Data gradient through packed blocks: out[j] = sum_b sum_r dy[b*16 + r] * W_b[r][j]
-// for the 8 columns j starting at w (w: block 0; block b at w + b * bstride).
+// for the 8 columns j starting at w. Blocks come in pairs (one 32-row
+// super-block, interleaved per k-step): block b is at w + (b/2) * sbstride + (b%2) * 16 * kp.
 struct DataArgs {
   const void* w;
-  int64_t bstride;  // elements
+  int64_t sbstride;  // elements between super-blocks
+  int64_t ks;        // elements between k-steps
   int64_t nblocks;
   bool wbf16;
+  CN_INLINE int64_t block(int64_t b) const { return (b >> 1) * sbstride + (b & 1) * kBlock * (wbf16 ? 2 : 1); }
 };
 
 void data8_scalar(const DataArgs& a, const float* dy, float* out) {
@@ -463,8 +465,8 @@ void data8_scalar(const DataArgs& a, const float* dy, float* out) {
       float part = 0.0f;
       for (int r = 0; r < 16; ++r) {
         const float w =
-            a.wbf16 ? bf16_to_f32(static_cast<const uint16_t*>(a.w)[b * a.bstride + (j >> 1) * 32 + r * 2 + (j & 1)])
-                    : static_cast<const float*>(a.w)[b * a.bstride + j * 16 + r];
+            a.wbf16 ? bf16_to_f32(static_cast<const uint16_t*>(a.w)[a.block(b) + (j >> 1) * a.ks + r * 2 + (j & 1)])
+                    : static_cast<const float*>(a.w)[a.block(b) + j * a.ks + r];
         part += w * dy[b * 16 + r];
       }
       s += part;
@@ -480,15 +482,15 @@ CN_INLINE void data8_vec(const DataArgs& a, const float* dy, float* out) {
   for (int64_t b = 0; b < a.nblocks; ++b) {
     const vf d = ldf(dy + b * 16);
     if constexpr (WB) {
-      const uint16_t* q = static_cast<const uint16_t*>(a.w) + b * a.bstride;
+      const uint16_t* q = static_cast<const uint16_t*>(a.w) + a.block(b);
       for (int j = 0; j < 4; ++j) {
-        const vu v = ldpairs(q + j * 32);
+        const vu v = ldpairs(q + j * a.ks);
         acc[2 * j] += pair_lo(v) * d;
         acc[2 * j + 1] += pair_hi(v) * d;
       }
     } else {
-      const float* q = static_cast<const float*>(a.w) + b * a.bstride;
-      for (int j = 0; j < 8; ++j) acc[j] += ldf(q + j * 16) * d;
+      const float* q = static_cast<const float*>(a.w) + a.block(b);
+      for (int j = 0; j < 8; ++j) acc[j] += ldf(q + j * a.ks) * d;
     }
   }
   for (int j = 0; j < 8; ++j) out[j] = hsum(acc[j]);
@@ -497,7 +499,8 @@ CN_INLINE void data8_vec(const DataArgs& a, const float* dy, float* out) {
 // Weight gradient of one packed block, columns [c0, c1) (multiples of 8):
 // G[r][c] = sum_s dy_s[r] * x_s[c - c0], written (not accumulated).
 struct GradArgs {
-  void* g;  // the block
+  void* g;     // the block
+  int64_t ks;  // elements between k-steps
   int64_t c0, c1;
   Rows dy;  // 16 lanes per slot
   Rows x;   // c1 - c0 columns per slot
@@ -511,9 +514,9 @@ void grad_scalar(const GradArgs& a) {
       float s = 0.0f;
       for (int64_t t = 0; t < a.m; ++t) s += a.dy(t)[r] * a.x(t)[c - a.c0];
       if (a.wbf16)
-        static_cast<uint16_t*>(a.g)[(c >> 1) * 32 + r * 2 + (c & 1)] = f32_to_bf16(s);
+        static_cast<uint16_t*>(a.g)[(c >> 1) * a.ks + r * 2 + (c & 1)] = f32_to_bf16(s);
       else
-        static_cast<float*>(a.g)[c * 16 + r] = s;
+        static_cast<float*>(a.g)[c * a.ks + r] = s;
     }
   }
 }
@@ -529,14 +532,14 @@ CN_INLINE void grad_vec(const GradArgs& a) {
       for (int j = 0; j < 8; ++j) acc[j] += d * x[j];
     }
     if constexpr (WB) {
-      uint16_t* q = static_cast<uint16_t*>(a.g) + c * 16;
+      uint16_t* q = static_cast<uint16_t*>(a.g) + (c >> 1) * a.ks;
       for (int j = 0; j < 4; ++j) {
         const vu v = bf16_bits(acc[2 * j]) | (bf16_bits(acc[2 * j + 1]) << 16);
-        std::memcpy(q + j * 32, &v, sizeof v);
+        std::memcpy(q + j * a.ks, &v, sizeof v);
       }
     } else {
-      float* q = static_cast<float*>(a.g) + c * 16;
-      for (int j = 0; j < 8; ++j) stf(q + j * 16, acc[j]);
+      float* q = static_cast<float*>(a.g) + c * a.ks;
+      for (int j = 0; j < 8; ++j) stf(q + j * a.ks, acc[j]);
     }
   }
 }
@@ -734,6 +737,9 @@ void Experts::forward(const void* x, int64_t tokens, const int64_t* ids, const f
   const int64_t H = L.hidden, Hp = L.hidden_padded;
   const bool bf16 = L.dtype == DType::BF16;
   const size_t esz = bf16 ? 2 : 4;
+  // Packed layout (see experts.h): 32-row super-blocks, two 16-row blocks
+  // interleaved per k-step, so every work item streams one contiguous range.
+  const int64_t kp = bf16 ? 2 : 1, ks = 2 * kBlock * kp, half = kBlock * kp;
   if (tokens < 0 || k < 0) throw std::invalid_argument("tokens and k must be >= 0");
   if (data.size() != slices_.size()) throw std::invalid_argument("one SliceData per slice is needed");
   if (tokens == 0) return;
@@ -800,8 +806,9 @@ void Experts::forward(const void* x, int64_t tokens, const int64_t* ids, const f
     const int64_t Ip = sl.row1 - sl.row0, le = sl.local[it.expert], s0 = R.start[it.expert];
     const int64_t col = it.index * kBlock - sl.row0;
     FwdItem a;
-    a.b0 = static_cast<const char*>(data[p].w13) + ((le * (sl.rows / kBlock) + it.index) * 2) * kBlock * Hp * esz;
-    a.b1 = static_cast<const char*>(a.b0) + kBlock * Hp * esz;
+    a.b0 = static_cast<const char*>(data[p].w13) + (le * (sl.rows / kBlock) + it.index) * 2 * kBlock * Hp * esz;
+    a.b1 = static_cast<const char*>(a.b0) + half * esz;
+    a.ks = ks;
     a.K = Hp;
     a.x = buf[p].xs + s0 * Hp * xsz;
     a.xs = Hp;
@@ -831,8 +838,9 @@ void Experts::forward(const void* x, int64_t tokens, const int64_t* ids, const f
     const int64_t Ip = sl.row1 - sl.row0, le = sl.local[it.expert], s0 = R.start[it.expert];
     FwdItem a;
     a.b0 = static_cast<const char*>(data[p].w2) +
-           ((le * (Hp / kBlock) + it.index) * kBlock * sl.rows + sl.row0 * kBlock) * esz;
-    a.b1 = static_cast<const char*>(a.b0) + kBlock * sl.rows * esz;
+           ((le * (Hp / kBlock) + it.index) * kBlock * sl.rows + sl.row0 * 2 * kBlock) * esz;
+    a.b1 = static_cast<const char*>(a.b0) + half * esz;
+    a.ks = ks;
     a.K = Ip;
     a.x = buf[p].act + s0 * Ip * xsz;
     a.xs = Ip;
@@ -885,6 +893,9 @@ void Experts::backward(const void* dout, const void* x, int64_t tokens, const in
   const int64_t H = L.hidden, Hp = L.hidden_padded;
   const bool bf16 = L.dtype == DType::BF16;
   const size_t esz = bf16 ? 2 : 4;
+  // Packed layout (see experts.h): 32-row super-blocks, two 16-row blocks
+  // interleaved per k-step, so every work item streams one contiguous range.
+  const int64_t kp = bf16 ? 2 : 1, ks = 2 * kBlock * kp, half = kBlock * kp;
   if (tokens < 0 || k < 0) throw std::invalid_argument("tokens and k must be >= 0");
   if (data.size() != slices_.size()) throw std::invalid_argument("one SliceData per slice is needed");
   bool weight_grads = true;
@@ -957,8 +968,9 @@ void Experts::backward(const void* dout, const void* x, int64_t tokens, const in
     const int64_t Ip = sl.row1 - sl.row0, le = sl.local[it.expert], s0 = R.start[it.expert];
     DataArgs a;
     a.w = static_cast<const char*>(data[p].w2) +
-          ((le * (Hp / kBlock)) * kBlock * sl.rows + (sl.row0 + it.index * 8) * kBlock) * esz;
-    a.bstride = kBlock * sl.rows;
+          (le * (Hp / kBlock) * kBlock * sl.rows + (sl.row0 + it.index * 8) * 2 * kBlock) * esz;
+    a.sbstride = 2 * kBlock * sl.rows;
+    a.ks = ks;
     a.nblocks = Hp / kBlock;
     a.wbf16 = bf16;
     for (int64_t s = s0; s < s0 + R.count(it.expert); ++s) {
@@ -1007,9 +1019,10 @@ void Experts::backward(const void* dout, const void* x, int64_t tokens, const in
     const int64_t m = R.count(it.expert);
     char* g13 = static_cast<char*>(data[p].grad13) + (le * (sl.rows / kBlock) + sl.row0 / kBlock) * 2 * kBlock * Hp * esz;
     char* g2 = static_cast<char*>(data[p].grad2) + le * (Hp / kBlock) * kBlock * sl.rows * esz;
+    const int64_t sb13 = 2 * kBlock * Hp, sb2 = 2 * kBlock * sl.rows;  // super-block sizes
     switch (it.kind) {
       case kGradDown: {
-        GradArgs a{g2 + it.index * kBlock * sl.rows * esz, sl.row0, sl.row1,
+        GradArgs a{g2 + ((it.index >> 1) * sb2 + (it.index & 1) * half) * esz, ks, sl.row0, sl.row1,
                    Rows{dt, Hp, R.token.data(), s0, it.index * kBlock},
                    Rows{buf[p].aw, Ip, nullptr, s0, 0}, m, bf16};
         run_grad(isa, a);
@@ -1017,21 +1030,23 @@ void Experts::backward(const void* dout, const void* x, int64_t tokens, const in
       }
       case kDataGateUp: {
         DataArgs a;
-        a.bstride = kBlock * Hp;
+        a.sbstride = sb13;
+        a.ks = ks;
         a.nblocks = 2 * Ip / kBlock;
         a.wbf16 = bf16;
         const char* w13 = static_cast<const char*>(data[p].w13) +
                           (le * (sl.rows / kBlock) + sl.row0 / kBlock) * 2 * kBlock * Hp * esz;
         for (int64_t h0 = it.index * 32; h0 < it.index * 32 + 32; h0 += 8) {
-          a.w = w13 + h0 * kBlock * esz;
+          a.w = w13 + h0 * 2 * kBlock * esz;
           for (int64_t s = s0; s < s0 + m; ++s) run_data8(isa, a, buf[p].dgu + s * 2 * Ip, buf[p].dxp + s * Hp + h0);
         }
         break;
       }
       case kGradGateUp: {
-        for (int half = 0; half < 2; ++half) {
-          const int64_t jb = it.index * 2 + half;
-          GradArgs a{g13 + jb * kBlock * Hp * esz, 0, Hp, Rows{buf[p].dgu, 2 * Ip, nullptr, s0, jb * kBlock},
+        for (int half_idx = 0; half_idx < 2; ++half_idx) {
+          const int64_t jb = it.index * 2 + half_idx;
+          GradArgs a{g13 + (it.index * sb13 + half * half_idx) * esz, ks, 0, Hp,
+                     Rows{buf[p].dgu, 2 * Ip, nullptr, s0, jb * kBlock},
                      Rows{xt, Hp, R.token.data(), s0, 0}, m, bf16};
           run_grad(isa, a);
         }
@@ -1039,8 +1054,8 @@ void Experts::backward(const void* dout, const void* x, int64_t tokens, const in
       }
       case kZero: {
         std::memset(g13, 0, Ip * 2 * Hp * esz);
-        for (int64_t hb = 0; hb < Hp / kBlock; ++hb)
-          std::memset(g2 + (hb * kBlock * sl.rows + sl.row0 * kBlock) * esz, 0, Ip * kBlock * esz);
+        for (int64_t sb = 0; sb < Hp / (2 * kBlock); ++sb)
+          std::memset(g2 + (sb * sb2 + sl.row0 * 2 * kBlock) * esz, 0, Ip * 2 * kBlock * esz);
         break;
       }
     }

@@ -3,9 +3,11 @@
 //
 // Weights are packed in blocks of 16 output rows so that one 64-byte load is
 // one k-step of 16 rows: bf16 stores a pair of k per row (what AVX-512 BF16
-// dot products and AMX B tiles consume directly), fp32 one k per row:
-//   w13: [local experts][rows/16][gate, up][hidden_padded/kp][16][kp]
-//   w2:  [local experts][hidden_padded/16][rows/kp][16][kp]        (kp = 2 bf16, 1 fp32)
+// dot products and AMX B tiles consume directly), fp32 one k per row. Two
+// blocks computed together (gate and up; two neighbouring blocks of down) are
+// interleaved per k-step, so each work item reads one contiguous stream:
+//   w13: [local experts][rows/16][hidden_padded/kp][gate, up][16][kp]
+//   w2:  [local experts][hidden_padded/32][rows/kp][2][16][kp]      (kp = 2 bf16, 1 fp32)
 // A slice stores `rows` intermediate rows of each of its experts and computes
 // rows [row0, row1) of them: `split` stores a slice of every expert, `by-expert`
 // whole experts, `replicate` every expert whole on each node with the rows
@@ -85,13 +87,14 @@ class Experts {
                void* out, const std::vector<SliceData>& data);
 
   // dout, x: [tokens][hidden] in the layer's dtype; dx: same; dweights: [tokens][k]
-  // fp32. Gradient buffers are overwritten (every element, zero where unused).
+  // fp32; data[p].save_* as filled by forward. The weight gradients are written
+  // (every element, zero for experts without tokens), or skipped when grad13 or
+  // grad2 is null.
   void backward(const void* dout, const void* x, int64_t tokens, const int64_t* ids,
                 const float* weights, int64_t k, const std::vector<SliceData>& data, void* dx,
                 float* dweights);
 
  private:
-  struct Scratch;
   Layer layer_;
   std::vector<Slice> slices_;
   std::mutex mu_;  // one call at a time per layer: the scratch buffers are reused

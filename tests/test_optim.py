@@ -677,14 +677,14 @@ def test_state_assignments_copy_into_the_buffers():
     model = _mlp()
     o = NumaAdamW(model.parameters())
     views = {k: v for k, v in o.state[model[0].weight].items()}
-    for st in o.state.values():
-        for k, v in st.items():
+    for state in o.state.values():
+        for k, v in state.items():
             if isinstance(v, torch.Tensor):
-                st[k] = v.clone().fill_(3.0)
+                state[k] = v.clone().fill_(3.0)
     for k, v in o.state[model[0].weight].items():
         assert v is views[k] and bool((v == 3.0).all())
     assert float(o._buffers[0].exp_avg[0]) == 3.0
-    assert all(type(st) is dict for st in o.state_dict()["state"].values())
+    assert all(type(s) is dict for s in o.state_dict()["state"].values())
 
 
 def test_parameters_replaced_after_construction_are_relaid_out_with_their_state():

@@ -48,6 +48,7 @@ __all__ = [
     "VmError",
     "LAYOUTS",
     "TWO_NODES",
+    "TWO_NODES_LAUNCH",
     "SNC",
     "CPULESS",
     "SMALL_NODE",
@@ -188,6 +189,10 @@ def _dist(groups: list[int], local: int = 10, near: int = 12, far: int = 21) -> 
 #: 2 sockets x 1 CPU, one node each (1 GiB), a GPU stand-in on node 1.
 TWO_NODES = Layout("two-nodes", (NodeSpec(1024, (0,)), NodeSpec(1024, (1,))),
                    _dist([0, 1]), sockets=2, gpus=(1,))
+#: Layout 1 with 1.5 GiB per node, for ``composer-numa launch``: the launcher and two ranks each
+#: import Composer and torch, which leaves a 1 GiB node too little room for a rank's own memory.
+TWO_NODES_LAUNCH = Layout("two-nodes-launch", (NodeSpec(1536, (0,)), NodeSpec(1536, (1,))),
+                          _dist([0, 1]), sockets=2, gpus=(1,))
 #: 2 sockets x 2 sub-NUMA clusters (distances 10 / 12 / 21), one GPU stand-in per node.
 SNC = Layout("snc", tuple(NodeSpec(640, (i,)) for i in range(4)),
              _dist([0, 0, 1, 1]), sockets=2, gpus=(0, 1, 2, 3))
@@ -201,7 +206,7 @@ SMALL_NODE = Layout("small-node", (NodeSpec(1536, (0,)), NodeSpec(512, (1,))),
 NPS4 = Layout("nps4", tuple(NodeSpec(256, (i,)) for i in range(8)),
               _dist([0, 0, 0, 0, 1, 1, 1, 1], near=12, far=32), sockets=2, gpus=(0, 2, 4, 6))
 
-LAYOUTS = {lay.name: lay for lay in (TWO_NODES, SNC, CPULESS, SMALL_NODE, NPS4)}
+LAYOUTS = {lay.name: lay for lay in (TWO_NODES, TWO_NODES_LAUNCH, SNC, CPULESS, SMALL_NODE, NPS4)}
 
 
 # --------------------------------------------------------------------------- kernel

@@ -1,4 +1,5 @@
-"""``composer-numa launch -n 2 examples/train.py`` on layout 1 (two nodes, one CPU each):
+"""``composer-numa launch -n 2 examples/train.py`` on layout 1 (two nodes, one CPU each, here
+1.5 GiB each to hold three Composer processes):
 two Composer ranks (CPU, gloo), each bound at birth to its own node, each logging
 ``numa/local_memory_fraction`` >= 0.9 through the NumaAffinity callback. The one guest check
 that imports torch (about 35 s per process under TCG), so it has its own boot."""
@@ -6,13 +7,14 @@ that imports torch (about 35 s per process under TCG), so it has its own boot.""
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
 from tests.vm.conftest import boot_checks, cli, project_has
-from tests.vm.harness import REPO, TWO_NODES
+from tests.vm.harness import REPO, TWO_NODES_LAUNCH
 
-LAYOUT = TWO_NODES
+LAYOUT = TWO_NODES_LAUNCH
 MISSING = (project_has("composer_numa.launch") or project_has("composer_numa.callback")
            or (None if (REPO / "examples" / "train.py").is_file() else "examples/train.py is missing"))
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=str(MISSING))
@@ -24,8 +26,11 @@ def boot():
     launch = [*cli(), "launch", "-n", "2", "--stdout", "/run/vmio/out/rank{rank}.stdout",
               "--stderr", "/run/vmio/out/rank{rank}.stderr", "examples/train.py",
               "--device", "cpu", "--steps", "4", "--report-dir", "/run/vmio/out/reports"]
-    return boot_checks(LAYOUT, {"launch": launch}, timeout=900, check_timeout=840,
-                       env={"COMPOSER_NUMA_GPUS": ""})
+    # free memory per node every 15 s, to tell a full node from a wrong binding
+    watch = ("(while :; do grep -h MemFree /sys/devices/system/node/node*/meminfo | tr -s ' ' "
+             "| tr '\\n' ';'; echo; sleep 15; done) >/run/vmio/out/memfree.log &")
+    return boot_checks(LAYOUT, {"launch": f"{watch}\nexec {shlex.join(launch)}"},
+                       timeout=900, check_timeout=840, env={"COMPOSER_NUMA_GPUS": ""})
 
 
 def _head_tail(text: str, n: int = 1500) -> str:
@@ -54,5 +59,6 @@ def test_each_rank_logs_high_local_memory_fraction(boot):
     for rank, rep in enumerate(_reports(boot)):
         frac = rep["numa_metrics"].get("numa/local_memory_fraction")
         assert frac is not None, rep
-        assert frac >= 0.9, rep
+        memfree = boot.vm.files.get("memfree.log", b"").decode()
+        assert frac >= 0.9, (rep, memfree[-1500:])
         print(f"[locality] {LAYOUT.name} launch rank {rank}: numa/local_memory_fraction {frac:.4f}")
