@@ -152,38 +152,44 @@ void touch_pages(void* addr, size_t len, int node) {
   run_on_nodes(tasks);
 }
 
-// The CUDA runtime torch loaded, if any. We never load it ourselves.
-struct CudaRt {
+// The CUDA runtime torch loaded, if any, looked up at each use (no cached state):
+// we never load it ourselves, and dlclose only drops the reference dlopen added.
+class CudaRt {
+ public:
+  CudaRt() {
+    for (const char* name : {"libcudart.so.12", "libcudart.so.13", "libcudart.so.11.0",
+                             "libcudart.so"}) {
+      handle_ = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);
+      if (handle_ == nullptr) continue;
+      host_register = reinterpret_cast<int (*)(void*, size_t, unsigned)>(
+          dlsym(handle_, "cudaHostRegister"));
+      host_unregister = reinterpret_cast<int (*)(void*)>(dlsym(handle_, "cudaHostUnregister"));
+      error_string = reinterpret_cast<const char* (*)(int)>(dlsym(handle_, "cudaGetErrorString"));
+      if (host_register && host_unregister) return;
+      dlclose(handle_);
+      handle_ = nullptr;
+      host_register = nullptr;
+      host_unregister = nullptr;
+    }
+  }
+  ~CudaRt() {
+    if (handle_ != nullptr) dlclose(handle_);
+  }
+  CudaRt(const CudaRt&) = delete;
+  CudaRt& operator=(const CudaRt&) = delete;
+  bool loaded() const { return host_register != nullptr; }
+
   int (*host_register)(void*, size_t, unsigned) = nullptr;
   int (*host_unregister)(void*) = nullptr;
   const char* (*error_string)(int) = nullptr;
-};
 
-const CudaRt* cuda_runtime() {
-  static const CudaRt rt = [] {
-    CudaRt r;
-    for (const char* name : {"libcudart.so.12", "libcudart.so.13", "libcudart.so.11.0",
-                             "libcudart.so"}) {
-      void* h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);
-      if (h == nullptr) continue;
-      r.host_register = reinterpret_cast<int (*)(void*, size_t, unsigned)>(
-          dlsym(h, "cudaHostRegister"));
-      r.host_unregister = reinterpret_cast<int (*)(void*)>(dlsym(h, "cudaHostUnregister"));
-      r.error_string = reinterpret_cast<const char* (*)(int)>(dlsym(h, "cudaGetErrorString"));
-      if (r.host_register && r.host_unregister) break;
-      r = CudaRt{};
-    }
-    return r;
-  }();
-  return rt.host_register ? &rt : nullptr;
-}
+ private:
+  void* handle_ = nullptr;
+};
 
 }  // namespace
 
-size_t page_size() {
-  static const size_t ps = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  return ps;
-}
+size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 
 Policy parse_policy(const std::string& name) {
   if (name == "bind") return Policy::Bind;
@@ -346,19 +352,20 @@ std::unique_ptr<NodeBuffer> NodeBuffer::allocate(size_t nbytes, const std::vecto
 
 std::string NodeBuffer::pin() {
   if (pinned_) return "";
-  const CudaRt* rt = cuda_runtime();
-  if (rt == nullptr) return "the CUDA runtime is not loaded in this process";
-  const int rc = rt->host_register(addr_, mapped_, 1 /* cudaHostRegisterPortable */);
+  const CudaRt rt;
+  if (!rt.loaded()) return "the CUDA runtime is not loaded in this process";
+  const int rc = rt.host_register(addr_, mapped_, 1 /* cudaHostRegisterPortable */);
   if (rc != 0)
     return std::string("cudaHostRegister failed: ") +
-           (rt->error_string ? rt->error_string(rc) : std::to_string(rc));
+           (rt.error_string ? rt.error_string(rc) : std::to_string(rc));
   pinned_ = true;
   return "";
 }
 
 NodeBuffer::~NodeBuffer() {
   if (pinned_) {
-    if (const CudaRt* rt = cuda_runtime()) rt->host_unregister(addr_);
+    const CudaRt rt;
+    if (rt.loaded()) rt.host_unregister(addr_);
   }
   if (addr_ != nullptr) munmap(addr_, mapped_);
 }
