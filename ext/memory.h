@@ -80,7 +80,7 @@ std::map<int, int64_t> pages_per_node(const void* addr, size_t nbytes);
 // The memory policy of the mapping containing addr: (mode name, nodes).
 std::pair<std::string, std::vector<int>> mempolicy_of(const void* addr);
 
-// Zero-fill (or touch) [addr, addr + nbytes) with the workers of `node`.
+// Zero-fill [addr, addr + nbytes) with the workers of `node` (any worker when -1).
 void parallel_zero(void* addr, size_t nbytes, int node);
 
 size_t page_size();

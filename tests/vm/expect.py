@@ -8,8 +8,11 @@ MIB = 1 << 20
 
 
 def memory_close(total_bytes: int, layout_mib: int) -> bool:
-    """MemTotal is the node's RAM less what the kernel reserves: within 15 % below it."""
-    return 0.85 * layout_mib * MIB <= total_bytes <= layout_mib * MIB
+    """MemTotal is the node's RAM less what the kernel reserves there: page structures
+    (~1.6 %) everywhere, and on the one node holding it a fixed ~45 MiB (DMA bounce buffers,
+    low memory). So: at most the node's size, at least 15 % or 96 MiB less, whichever is more."""
+    size = layout_mib * MIB
+    return size - max(0.15 * size, 96 * MIB) <= total_bytes <= size
 
 
 def assert_raw_matches(layout: Layout, raw: dict) -> None:

@@ -480,6 +480,9 @@ def build_initramfs(kernel: Kernel) -> Path:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(_cpio_newc(entries))
     tmp.rename(path)
+    for old in cache_dir().glob("initramfs-*.cpio"):  # earlier init scripts or kernels
+        if old != path:
+            old.unlink(missing_ok=True)
     return path
 
 
