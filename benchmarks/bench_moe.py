@@ -11,8 +11,8 @@ times, in one run and on the same routings:
   the read bandwidth the extension's probe measures on this machine.
 
 Every repeat draws a fresh random routing (so decode does not re-read experts
-that are still in the last-level cache) and both implementations see the same
-sequence; the table shows medians. Decode is T = 1, 8, 64; prefill is T = 512.
+that are still in the last-level cache); both implementations run each routing,
+alternating which goes first, and the table shows medians. Decode is T = 1, 8, 64; prefill is T = 512.
 It also prints resident memory for ``split``: the process's RSS growth while the
 layer is built, and the resident pages of its buffers, against the weights' size.
 
@@ -117,6 +117,10 @@ def main(argv=None) -> int:
               f"{'torch loop':>10} {'speed-up':>8}")
 
     measured = []
+
+    def loop_fn(x, ids, w):
+        return torch_moe_loop(x, ids, w, gate, up, down)
+
     for T in [int(t) for t in args.tokens.split(",")]:
         calls = []
         for _ in range(args.repeats + 1):  # the first call of each is a warm-up
@@ -130,8 +134,12 @@ def main(argv=None) -> int:
             if not err < 2e-2:
                 print(f"T={T}: NumaExperts and the PyTorch loop disagree (relative error {err:.3g})")
                 return 1
-            t_loop = timed(lambda x, ids, w: torch_moe_loop(x, ids, w, gate, up, down), calls[1:])
-            t_numa = timed(layer, calls[1:])
+            # Alternate the two per repeat so that both see the same machine (it may be shared).
+            t_loop, t_numa = [], []
+            for i, call in enumerate(calls[1:]):
+                order = ((t_loop, loop_fn), (t_numa, layer)) if i % 2 else ((t_numa, layer), (t_loop, loop_fn))
+                for times, fn in order:
+                    times.extend(timed(fn, [call]))
         touched = [ids.unique().numel() * per_expert for _, ids, _ in calls[1:]]
         measured.append((T, touched, t_numa, t_loop))
         sample_bandwidth()

@@ -1,6 +1,7 @@
 #include "experts.h"
 
 #include <immintrin.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -38,9 +39,13 @@ namespace {
 // tokens stay bandwidth-bound. Below it, AVX-512 BF16 dot products (2 per
 // token per 64-byte load) stream the weights with less set-up per item.
 constexpr int64_t kAmxMinTokens = 4;
-// Software prefetch distance of the streamed weight blocks, in bf16 elements
-// (1 KiB ahead: the hardware prefetchers stop at 4 KiB page boundaries).
-constexpr int64_t kPrefetch = 512;
+// Software prefetch distance of the streamed weights, 4 KiB ahead (the
+// hardware prefetchers stop at 4 KiB boundaries; measured best of 1-8 KiB).
+constexpr int64_t kPrefetchBytes = 4096;
+constexpr int64_t kPrefetch = kPrefetchBytes / 2;  // in bf16 elements
+// Items taken from a queue at a time: runs of neighbouring blocks keep each
+// worker's stream contiguous for longer.
+constexpr int64_t kGrab = 4;
 // Spare rows after the staged activations: AMX loads whole 16-row tiles.
 constexpr int64_t kSlackRows = 32;
 
@@ -372,6 +377,9 @@ CN_AMX inline void amx_tiles(const uint16_t* b0, const uint16_t* b1, int64_t ks,
     _tile_zero(3);
   }
   for (int64_t k = 0; k < K; k += 32) {
+    // The 16 k-steps of both blocks are one contiguous 2 KiB run.
+    const char* ahead = reinterpret_cast<const char*>(b0 + (k >> 1) * ks) + kPrefetchBytes;
+    for (int l = 0; l < 32; ++l) _mm_prefetch(ahead + l * 64, _MM_HINT_T0);
     _tile_loadd(4, x + k, stride);
     _tile_loadd(6, b0 + (k >> 1) * ks, bstride);
     _tile_loadd(7, b1 + (k >> 1) * ks, bstride);
@@ -617,8 +625,13 @@ Routing route(int64_t experts, const int64_t* ids, const float* weights, int64_t
 }
 
 // ---------------------------------------------------------------------------
-// Dispatch: each slice's items are pulled dynamically by its node's workers
-// (experts carry different token counts, so static chunks would idle workers).
+// Dispatch. All phases of all slices run in ONE dispatch of the pool: each
+// node's workers take the items of that node's slices from shared queues
+// (experts carry different token counts, so static chunks would idle workers)
+// and move on to a slice's next phase once every item of its current phase is
+// done. Only the slice's own workers wait for it, so a call from inside a
+// worker (run inline, one task after another) cannot deadlock, and waking the
+// sleeping workers is paid once per call rather than once per phase.
 
 struct Item {
   int32_t expert;
@@ -626,27 +639,63 @@ struct Item {
   int32_t kind;   // backward phase 2 only
 };
 
+using PhaseItems = std::vector<std::vector<std::vector<Item>>>;  // [phase][slice] -> items
+
+CN_INLINE void wait_until(const std::atomic<int64_t>& done, int64_t n) {
+  for (int spins = 0; done.load(std::memory_order_acquire) < n;) {
+    _mm_pause();
+    if (++spins == 256) {  // more workers than cores: let the one we wait for run
+      sched_yield();
+      spins = 0;
+    }
+  }
+}
+
 template <class Body>
-void run_items(const std::vector<Slice>& slices, const std::vector<std::vector<Item>>& items,
-               const Body& body) {
-  const size_t n = slices.size();
-  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[n]);
+void run_phases(const std::vector<Slice>& slices, const PhaseItems& items, const Body& body) {
+  const size_t P = slices.size(), F = items.size();
+  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[F * P]);
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[F * P]);
+  for (size_t i = 0; i < F * P; ++i) {
+    next[i].store(0, std::memory_order_relaxed);
+    done[i].store(0, std::memory_order_relaxed);
+  }
+  std::vector<int> nodes;
+  for (const Slice& sl : slices)
+    if (std::find(nodes.begin(), nodes.end(), sl.node) == nodes.end()) nodes.push_back(sl.node);
   std::vector<NodeTask> tasks;
-  for (size_t p = 0; p < n; ++p) {
-    next[p].store(0, std::memory_order_relaxed);
-    if (items[p].empty()) continue;
-    std::atomic<int64_t>* counter = &next[p];
-    const std::vector<Item>* list = &items[p];
-    tasks.push_back({slices[p].node, 1 << 12, 1, [counter, list, p, &body](int64_t, int64_t, int) {
-                       const int64_t total = static_cast<int64_t>(list->size());
-                       for (;;) {
-                         const int64_t i = counter->fetch_add(1, std::memory_order_relaxed);
-                         if (i >= total) return;
-                         body(p, (*list)[i]);
+  for (int node : nodes) {
+    tasks.push_back({node, 1 << 12, 1, [&, node](int64_t, int64_t, int) {
+                       for (size_t f = 0; f < F; ++f) {
+                         for (size_t p = 0; p < P; ++p) {
+                           if (slices[p].node != node) continue;
+                           const std::vector<Item>& list = items[f][p];
+                           const int64_t n = static_cast<int64_t>(list.size());
+                           for (;;) {
+                             const int64_t i0 = next[f * P + p].fetch_add(kGrab, std::memory_order_relaxed);
+                             if (i0 >= n) break;
+                             const int64_t i1 = std::min(n, i0 + kGrab);
+                             for (int64_t i = i0; i < i1; ++i) body(f, p, list[i]);
+                             done[f * P + p].fetch_add(i1 - i0, std::memory_order_release);
+                           }
+                         }
+                         for (size_t p = 0; p < P; ++p)
+                           if (slices[p].node == node)
+                             wait_until(done[f * P + p], static_cast<int64_t>(items[f][p].size()));
                        }
                      }});
   }
   run_on_nodes(tasks);
+}
+
+// Per-token reductions: inline on the calling thread when small (a dispatch
+// costs more than the work), else split over all workers.
+template <class Fn>
+void for_tokens(int64_t tokens, int64_t work_per_token, const Fn& fn) {
+  if (tokens * work_per_token <= (int64_t{1} << 18))
+    fn(int64_t{0}, tokens);
+  else
+    parallel_for(tokens, 1, fn);
 }
 
 constexpr size_t round64(size_t n) { return (n + 63) & ~size_t(63); }
@@ -755,9 +804,9 @@ void Experts::forward(const void* x, int64_t tokens, const int64_t* ids, const f
   const size_t P = slices_.size();
 
   struct Bufs {
-    char* xs;
-    char* act;
-    float* y;
+    char* xs;   // [S + spare][Hp] token rows grouped by expert, in the kernel's input format
+    char* act;  // [S + spare][Ip] SwiGLU activations, same format
+    float* y;   // [S][Hp] this slice's partial expert outputs
   };
   std::vector<Bufs> buf(P);
   for (size_t p = 0; p < P; ++p) {
@@ -770,93 +819,79 @@ void Experts::forward(const void* x, int64_t tokens, const int64_t* ids, const f
     buf[p].y = c.take<float>(S * Hp);
   }
 
-  // Phase 0: stage each slice's token rows (grouped by expert, padded, in the kernel's format).
-  std::vector<std::vector<Item>> items(P);
-  for (size_t p = 0; p < P; ++p)
-    for (int64_t s0 = 0; s0 < S; s0 += 32) items[p].push_back({0, static_cast<int32_t>(s0), 0});
-  run_items(slices_, items, [&](size_t p, const Item& it) {
+  // Phase 0 stages token rows; phase 1 runs gate and up on 16 rows of one
+  // expert per item and applies SwiGLU; phase 2 runs down on 32 hidden rows.
+  enum { kStage, kGateUp, kDown, kPhases };
+  PhaseItems items(kPhases, std::vector<std::vector<Item>>(P));
+  for (size_t p = 0; p < P; ++p) {
     const Slice& sl = slices_[p];
-    for (int64_t s = it.index; s < std::min<int64_t>(S, it.index + 32); ++s) {
-      if (sl.local[R.expert[s]] < 0) continue;
-      const char* src = static_cast<const char*>(x) + R.token[s] * H * esz;
-      char* dst = buf[p].xs + s * Hp * xsz;
-      if (esz == xsz) {
-        std::memcpy(dst, src, H * esz);
-        std::memset(dst + H * esz, 0, (Hp - H) * esz);
-      } else {  // bf16 input, fp32 kernel
-        float* d = reinterpret_cast<float*>(dst);
-        const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
-        for (int64_t i = 0; i < H; ++i) d[i] = bf16_to_f32(h[i]);
-        for (int64_t i = H; i < Hp; ++i) d[i] = 0.0f;
-      }
+    for (int64_t s0 = 0; s0 < S; s0 += 32) items[kStage][p].push_back({0, static_cast<int32_t>(s0), 0});
+    for (int32_t e : R.active) {
+      if (sl.local[e] < 0) continue;
+      for (int64_t ib = sl.row0 / kBlock; ib < sl.row1 / kBlock; ++ib)
+        items[kGateUp][p].push_back({e, static_cast<int32_t>(ib), 0});
+      for (int64_t hb = 0; hb < Hp / kBlock; hb += 2) items[kDown][p].push_back({e, static_cast<int32_t>(hb), 0});
     }
-  });
-
-  // Phase 1: gate and up for 16 rows of one expert per item, SwiGLU into act.
-  for (size_t p = 0; p < P; ++p) {
-    items[p].clear();
-    const Slice& sl = slices_[p];
-    for (int32_t e : R.active)
-      if (sl.local[e] >= 0)
-        for (int64_t ib = sl.row0 / kBlock; ib < sl.row1 / kBlock; ++ib)
-          items[p].push_back({e, static_cast<int32_t>(ib), 0});
   }
-  run_items(slices_, items, [&](size_t p, const Item& it) {
+  run_phases(slices_, items, [&](size_t phase, size_t p, const Item& it) {
     const Slice& sl = slices_[p];
-    const int64_t Ip = sl.row1 - sl.row0, le = sl.local[it.expert], s0 = R.start[it.expert];
-    const int64_t col = it.index * kBlock - sl.row0;
+    const int64_t Ip = sl.row1 - sl.row0;
+    if (phase == kStage) {
+      for (int64_t s = it.index; s < std::min<int64_t>(S, it.index + 32); ++s) {
+        if (sl.local[R.expert[s]] < 0) continue;
+        const char* src = static_cast<const char*>(x) + R.token[s] * H * esz;
+        char* dst = buf[p].xs + s * Hp * xsz;
+        if (esz == xsz) {
+          std::memcpy(dst, src, H * esz);
+          std::memset(dst + H * esz, 0, (Hp - H) * esz);
+        } else {  // bf16 input, fp32 kernel
+          float* d = reinterpret_cast<float*>(dst);
+          const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
+          for (int64_t i = 0; i < H; ++i) d[i] = bf16_to_f32(h[i]);
+          for (int64_t i = H; i < Hp; ++i) d[i] = 0.0f;
+        }
+      }
+      return;
+    }
+    const int64_t le = sl.local[it.expert], s0 = R.start[it.expert];
     FwdItem a;
-    a.b0 = static_cast<const char*>(data[p].w13) + (le * (sl.rows / kBlock) + it.index) * 2 * kBlock * Hp * esz;
-    a.b1 = static_cast<const char*>(a.b0) + half * esz;
     a.ks = ks;
-    a.K = Hp;
-    a.x = buf[p].xs + s0 * Hp * xsz;
-    a.xs = Hp;
     a.m = R.count(it.expert);
-    a.down = false;
-    a.dst = buf[p].act + (s0 * Ip + col) * xsz;
-    a.dst_stride = Ip;
-    a.save_g = data[p].save_gate ? data[p].save_gate + s0 * Ip + col : nullptr;
-    a.save_u = data[p].save_up ? data[p].save_up + s0 * Ip + col : nullptr;
-    if (a.save_g == nullptr || a.save_u == nullptr) a.save_g = a.save_u = nullptr;
-    a.save_stride = Ip;
-    a.round = bf16;
     a.wbf16 = bf16;
+    if (phase == kGateUp) {
+      const int64_t col = it.index * kBlock - sl.row0;
+      a.b0 = static_cast<const char*>(data[p].w13) + (le * (sl.rows / kBlock) + it.index) * 2 * kBlock * Hp * esz;
+      a.b1 = static_cast<const char*>(a.b0) + half * esz;
+      a.K = Hp;
+      a.x = buf[p].xs + s0 * Hp * xsz;
+      a.xs = Hp;
+      a.down = false;
+      a.dst = buf[p].act + (s0 * Ip + col) * xsz;
+      a.dst_stride = Ip;
+      const bool save = data[p].save_gate != nullptr && data[p].save_up != nullptr;
+      a.save_g = save ? data[p].save_gate + s0 * Ip + col : nullptr;
+      a.save_u = save ? data[p].save_up + s0 * Ip + col : nullptr;
+      a.save_stride = Ip;
+      a.round = bf16;
+    } else {
+      a.b0 = static_cast<const char*>(data[p].w2) +
+             ((le * (Hp / kBlock) + it.index) * kBlock * sl.rows + sl.row0 * 2 * kBlock) * esz;
+      a.b1 = static_cast<const char*>(a.b0) + half * esz;
+      a.K = Ip;
+      a.x = buf[p].act + s0 * Ip * xsz;
+      a.xs = Ip;
+      a.down = true;
+      a.dst = buf[p].y + s0 * Hp + it.index * kBlock;
+      a.dst_stride = Hp;
+      a.save_g = a.save_u = nullptr;
+      a.save_stride = 0;
+      a.round = false;
+    }
     run_fwd_item(path, a);
   });
 
-  // Phase 2: down projection, 32 hidden rows of one expert per item, into y.
-  for (size_t p = 0; p < P; ++p) {
-    items[p].clear();
-    const Slice& sl = slices_[p];
-    for (int32_t e : R.active)
-      if (sl.local[e] >= 0)
-        for (int64_t hb = 0; hb < Hp / kBlock; hb += 2) items[p].push_back({e, static_cast<int32_t>(hb), 0});
-  }
-  run_items(slices_, items, [&](size_t p, const Item& it) {
-    const Slice& sl = slices_[p];
-    const int64_t Ip = sl.row1 - sl.row0, le = sl.local[it.expert], s0 = R.start[it.expert];
-    FwdItem a;
-    a.b0 = static_cast<const char*>(data[p].w2) +
-           ((le * (Hp / kBlock) + it.index) * kBlock * sl.rows + sl.row0 * 2 * kBlock) * esz;
-    a.b1 = static_cast<const char*>(a.b0) + half * esz;
-    a.ks = ks;
-    a.K = Ip;
-    a.x = buf[p].act + s0 * Ip * xsz;
-    a.xs = Ip;
-    a.m = R.count(it.expert);
-    a.down = true;
-    a.dst = buf[p].y + s0 * Hp + it.index * kBlock;
-    a.dst_stride = Hp;
-    a.save_g = a.save_u = nullptr;
-    a.save_stride = 0;
-    a.round = false;
-    a.wbf16 = bf16;
-    run_fwd_item(path, a);
-  });
-
-  // Phase 3: out[t] = sum_j w[t, j] * sum over slices of y[slot(t, j)], in fixed order.
-  parallel_for(tokens, 1, [&](int64_t t0, int64_t t1) {
+  // out[t] = sum_j w[t, j] * sum over slices of y[slot(t, j)], in fixed order.
+  for_tokens(tokens, k * H * static_cast<int64_t>(P), [&](int64_t t0, int64_t t1) {
     std::vector<float> acc(H), part(H);
     for (int64_t t = t0; t < t1; ++t) {
       std::fill(acc.begin(), acc.end(), 0.0f);
@@ -893,8 +928,6 @@ void Experts::backward(const void* dout, const void* x, int64_t tokens, const in
   const int64_t H = L.hidden, Hp = L.hidden_padded;
   const bool bf16 = L.dtype == DType::BF16;
   const size_t esz = bf16 ? 2 : 4;
-  // Packed layout (see experts.h): 32-row super-blocks, two 16-row blocks
-  // interleaved per k-step, so every work item streams one contiguous range.
   const int64_t kp = bf16 ? 2 : 1, ks = 2 * kBlock * kp, half = kBlock * kp;
   if (tokens < 0 || k < 0) throw std::invalid_argument("tokens and k must be >= 0");
   if (data.size() != slices_.size()) throw std::invalid_argument("one SliceData per slice is needed");
@@ -912,31 +945,9 @@ void Experts::backward(const void* dout, const void* x, int64_t tokens, const in
   if (tokens > 0) std::memset(dx, 0, tokens * H * esz);
   if (S > 0) std::memset(dweights, 0, S * sizeof(float));
 
-  // Token rows in fp32, shared by every slice.
-  std::vector<int> all_nodes;
-  for (const Slice& sl : slices_)
-    if (std::find(all_nodes.begin(), all_nodes.end(), sl.node) == all_nodes.end()) all_nodes.push_back(sl.node);
-  Carver shared{static_cast<char*>(ensure(shared_, 2 * round64(tokens * Hp * sizeof(float)), all_nodes,
-                                          all_nodes.size() > 1 ? Policy::Interleave : Policy::Preferred))};
-  float* xt = shared.take<float>(tokens * Hp);
-  float* dt = shared.take<float>(tokens * Hp);
-  parallel_for(tokens, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int which = 0; which < 2; ++which) {
-        const void* src = which ? dout : x;
-        float* d = (which ? dt : xt) + t * Hp;
-        if (bf16) {
-          const uint16_t* h = static_cast<const uint16_t*>(src) + t * H;
-          for (int64_t i = 0; i < H; ++i) d[i] = bf16_to_f32(h[i]);
-        } else {
-          std::memcpy(d, static_cast<const float*>(src) + t * H, H * sizeof(float));
-        }
-        std::fill(d + H, d + Hp, 0.0f);
-      }
-    }
-  });
-
   struct Bufs {
+    float* xt;      // [T][Hp] x in fp32, padded
+    float* dt;      // [T][Hp] grad_output in fp32, padded
     float* aw;      // [S][Ip] routing weight * activation
     float* dgu;     // [S][Ip/16][2][16] gradients of the gate and up pre-activations
     float* dwpart;  // [S][Ip/8] partial dot products for the routing weights' gradient
@@ -945,85 +956,97 @@ void Experts::backward(const void* dout, const void* x, int64_t tokens, const in
   std::vector<Bufs> buf(P);
   for (size_t p = 0; p < P; ++p) {
     const int64_t Ip = slices_[p].row1 - slices_[p].row0;
-    const size_t bytes = round64(S * Ip * 4) + round64(S * 2 * Ip * 4) + round64(S * (Ip / 8) * 4) +
-                         round64(S * Hp * 4);
+    const size_t bytes = 2 * round64(tokens * Hp * 4) + round64(S * Ip * 4) + round64(S * 2 * Ip * 4) +
+                         round64(S * (Ip / 8) * 4) + round64(S * Hp * 4);
     Carver c{static_cast<char*>(ensure(scratch_[p], bytes, {slices_[p].node}, Policy::Preferred))};
+    buf[p].xt = c.take<float>(tokens * Hp);
+    buf[p].dt = c.take<float>(tokens * Hp);
     buf[p].aw = c.take<float>(S * Ip);
     buf[p].dgu = c.take<float>(S * 2 * Ip);
     buf[p].dwpart = c.take<float>(S * (Ip / 8));
     buf[p].dxp = c.take<float>(S * Hp);
   }
 
-  // Phase 1: gradient through the down projection for 8 intermediate columns
-  // per item, then through SwiGLU.
-  std::vector<std::vector<Item>> items(P);
-  for (size_t p = 0; p < P; ++p) {
-    const Slice& sl = slices_[p];
-    for (int32_t e : R.active)
-      if (sl.local[e] >= 0)
-        for (int64_t cc = 0; cc < (sl.row1 - sl.row0) / 8; ++cc) items[p].push_back({e, static_cast<int32_t>(cc), 0});
-  }
-  run_items(slices_, items, [&](size_t p, const Item& it) {
-    const Slice& sl = slices_[p];
-    const int64_t Ip = sl.row1 - sl.row0, le = sl.local[it.expert], s0 = R.start[it.expert];
-    DataArgs a;
-    a.w = static_cast<const char*>(data[p].w2) +
-          (le * (Hp / kBlock) * kBlock * sl.rows + (sl.row0 + it.index * 8) * 2 * kBlock) * esz;
-    a.sbstride = 2 * kBlock * sl.rows;
-    a.ks = ks;
-    a.nblocks = Hp / kBlock;
-    a.wbf16 = bf16;
-    for (int64_t s = s0; s < s0 + R.count(it.expert); ++s) {
-      float dz[8];
-      run_data8(isa, a, dt + R.token[s] * Hp, dz);
-      const float w = R.weight[s];
-      float dot = 0.0f;
-      for (int j = 0; j < 8; ++j) {
-        const int64_t c = it.index * 8 + j;
-        const float g = data[p].save_gate[s * Ip + c], u = data[p].save_up[s * Ip + c];
-        const float sg = sigmoid(g), silu = g * sg;
-        float act = silu * u;
-        if (bf16) act = round_bf16(act);
-        dot += act * dz[j];
-        buf[p].aw[s * Ip + c] = w * act;
-        const float da = w * dz[j];
-        float* dgu = buf[p].dgu + s * 2 * Ip + (c / kBlock) * 2 * kBlock + c % kBlock;
-        dgu[0] = da * u * sg * (1.0f + g * (1.0f - sg));
-        dgu[kBlock] = da * silu;
-      }
-      buf[p].dwpart[s * (Ip / 8) + it.index] = dot;
-    }
-  });
-
-  // Phase 2: weight gradients of both projections, the input gradient through
-  // gate/up, and zeros for experts that received no tokens.
+  // Phase 0 stages x and grad_output in fp32 (each slice its own node-local
+  // copy); phase 1 takes the gradient through down for 8 intermediate columns
+  // per item, then through SwiGLU; phase 2 computes the weight gradients, the
+  // input gradient through gate/up and zeros for experts without tokens.
+  enum { kStage, kSwiGLU, kRest, kPhases };
   enum Kind { kGradDown, kDataGateUp, kGradGateUp, kZero };
+  PhaseItems items(kPhases, std::vector<std::vector<Item>>(P));
   for (size_t p = 0; p < P; ++p) {
-    items[p].clear();
     const Slice& sl = slices_[p];
+    const int64_t Ip = sl.row1 - sl.row0;
+    for (int64_t t0 = 0; t0 < tokens; t0 += 16) items[kStage][p].push_back({0, static_cast<int32_t>(t0), 0});
     for (int32_t e : R.active) {
       if (sl.local[e] < 0) continue;
-      for (int64_t hc = 0; hc < Hp / 32; ++hc) items[p].push_back({e, static_cast<int32_t>(hc), kDataGateUp});
+      for (int64_t cc = 0; cc < Ip / 8; ++cc) items[kSwiGLU][p].push_back({e, static_cast<int32_t>(cc), 0});
+      for (int64_t hc = 0; hc < Hp / 32; ++hc) items[kRest][p].push_back({e, static_cast<int32_t>(hc), kDataGateUp});
       if (!weight_grads) continue;
-      for (int64_t hb = 0; hb < Hp / kBlock; ++hb) items[p].push_back({e, static_cast<int32_t>(hb), kGradDown});
-      for (int64_t ib = 0; ib < (sl.row1 - sl.row0) / kBlock; ++ib)
-        items[p].push_back({e, static_cast<int32_t>(ib), kGradGateUp});
+      for (int64_t hb = 0; hb < Hp / kBlock; ++hb) items[kRest][p].push_back({e, static_cast<int32_t>(hb), kGradDown});
+      for (int64_t ib = 0; ib < Ip / kBlock; ++ib) items[kRest][p].push_back({e, static_cast<int32_t>(ib), kGradGateUp});
     }
     if (weight_grads)
       for (int32_t e = 0; e < L.experts; ++e)
-        if (sl.local[e] >= 0 && R.count(e) == 0) items[p].push_back({e, 0, kZero});
+        if (sl.local[e] >= 0 && R.count(e) == 0) items[kRest][p].push_back({e, 0, kZero});
   }
-  run_items(slices_, items, [&](size_t p, const Item& it) {
+  run_phases(slices_, items, [&](size_t phase, size_t p, const Item& it) {
     const Slice& sl = slices_[p];
-    const int64_t Ip = sl.row1 - sl.row0, le = sl.local[it.expert], s0 = R.start[it.expert];
-    const int64_t m = R.count(it.expert);
+    const int64_t Ip = sl.row1 - sl.row0;
+    if (phase == kStage) {
+      for (int64_t t = it.index; t < std::min<int64_t>(tokens, it.index + 16); ++t) {
+        for (int which = 0; which < 2; ++which) {
+          const void* src = which ? dout : x;
+          float* d = (which ? buf[p].dt : buf[p].xt) + t * Hp;
+          if (bf16) {
+            const uint16_t* h = static_cast<const uint16_t*>(src) + t * H;
+            for (int64_t i = 0; i < H; ++i) d[i] = bf16_to_f32(h[i]);
+          } else {
+            std::memcpy(d, static_cast<const float*>(src) + t * H, H * sizeof(float));
+          }
+          std::fill(d + H, d + Hp, 0.0f);
+        }
+      }
+      return;
+    }
+    const int64_t le = sl.local[it.expert], s0 = R.start[it.expert], m = R.count(it.expert);
+    if (phase == kSwiGLU) {
+      DataArgs a;
+      a.w = static_cast<const char*>(data[p].w2) +
+            (le * (Hp / kBlock) * kBlock * sl.rows + (sl.row0 + it.index * 8) * 2 * kBlock) * esz;
+      a.sbstride = 2 * kBlock * sl.rows;
+      a.ks = ks;
+      a.nblocks = Hp / kBlock;
+      a.wbf16 = bf16;
+      for (int64_t s = s0; s < s0 + m; ++s) {
+        float dz[8];
+        run_data8(isa, a, buf[p].dt + R.token[s] * Hp, dz);
+        const float w = R.weight[s];
+        float dot = 0.0f;
+        for (int j = 0; j < 8; ++j) {
+          const int64_t c = it.index * 8 + j;
+          const float g = data[p].save_gate[s * Ip + c], u = data[p].save_up[s * Ip + c];
+          const float sg = sigmoid(g), silu = g * sg;
+          float act = silu * u;
+          if (bf16) act = round_bf16(act);
+          dot += act * dz[j];
+          buf[p].aw[s * Ip + c] = w * act;
+          const float da = w * dz[j];
+          float* dgu = buf[p].dgu + s * 2 * Ip + (c / kBlock) * 2 * kBlock + c % kBlock;
+          dgu[0] = da * u * sg * (1.0f + g * (1.0f - sg));
+          dgu[kBlock] = da * silu;
+        }
+        buf[p].dwpart[s * (Ip / 8) + it.index] = dot;
+      }
+      return;
+    }
     char* g13 = static_cast<char*>(data[p].grad13) + (le * (sl.rows / kBlock) + sl.row0 / kBlock) * 2 * kBlock * Hp * esz;
     char* g2 = static_cast<char*>(data[p].grad2) + le * (Hp / kBlock) * kBlock * sl.rows * esz;
     const int64_t sb13 = 2 * kBlock * Hp, sb2 = 2 * kBlock * sl.rows;  // super-block sizes
     switch (it.kind) {
       case kGradDown: {
         GradArgs a{g2 + ((it.index >> 1) * sb2 + (it.index & 1) * half) * esz, ks, sl.row0, sl.row1,
-                   Rows{dt, Hp, R.token.data(), s0, it.index * kBlock},
+                   Rows{buf[p].dt, Hp, R.token.data(), s0, it.index * kBlock},
                    Rows{buf[p].aw, Ip, nullptr, s0, 0}, m, bf16};
         run_grad(isa, a);
         break;
@@ -1043,11 +1066,11 @@ void Experts::backward(const void* dout, const void* x, int64_t tokens, const in
         break;
       }
       case kGradGateUp: {
-        for (int half_idx = 0; half_idx < 2; ++half_idx) {
-          const int64_t jb = it.index * 2 + half_idx;
-          GradArgs a{g13 + (it.index * sb13 + half * half_idx) * esz, ks, 0, Hp,
+        for (int h = 0; h < 2; ++h) {
+          const int64_t jb = it.index * 2 + h;
+          GradArgs a{g13 + (it.index * sb13 + h * half) * esz, ks, 0, Hp,
                      Rows{buf[p].dgu, 2 * Ip, nullptr, s0, jb * kBlock},
-                     Rows{xt, Hp, R.token.data(), s0, 0}, m, bf16};
+                     Rows{buf[p].xt, Hp, R.token.data(), s0, 0}, m, bf16};
           run_grad(isa, a);
         }
         break;
@@ -1061,8 +1084,8 @@ void Experts::backward(const void* dout, const void* x, int64_t tokens, const in
     }
   });
 
-  // Phase 3: reduce the partial input gradients and routing-weight gradients.
-  parallel_for(tokens, 1, [&](int64_t t0, int64_t t1) {
+  // Reduce the partial input gradients and routing-weight gradients over slices.
+  for_tokens(tokens, k * H * static_cast<int64_t>(P), [&](int64_t t0, int64_t t1) {
     std::vector<float> acc(H);
     for (int64_t t = t0; t < t1; ++t) {
       std::fill(acc.begin(), acc.end(), 0.0f);

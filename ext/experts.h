@@ -99,7 +99,6 @@ class Experts {
   std::vector<Slice> slices_;
   std::mutex mu_;  // one call at a time per layer: the scratch buffers are reused
   std::vector<std::unique_ptr<NodeBuffer>> scratch_;  // per slice, node-local, grown on demand
-  std::unique_ptr<NodeBuffer> shared_;                // token rows used by every slice (backward)
 };
 
 }  // namespace experts

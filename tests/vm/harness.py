@@ -403,6 +403,7 @@ if mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/wor
   echo "VMRIG-ROOT: overlay"
 else
   echo "VMRIG-ROOT: read-only"
+  RO_ROOT=1
   mount --bind /host /newroot
 fi
 R=/newroot
@@ -411,7 +412,11 @@ mount -t sysfs sys $R/sys
 mount -t devtmpfs dev $R/dev
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
-for d in /tmp /run /var/tmp /dev/shm; do mount -t tmpfs -o mode=1777 tmpfs $R$d; done
+# With the overlay, /tmp stays the host's (read-through, writes land in the overlay): the
+# checkout or a virtualenv may live there. A read-only root needs tmpfs over it.
+SCRATCH="/run /dev/shm"
+[ -n "$RO_ROOT" ] && SCRATCH="/tmp /run /var/tmp /dev/shm"
+for d in $SCRATCH; do mount -t tmpfs -o mode=1777 tmpfs $R$d; done
 mkdir -p $R/run/vmio
 mount -t 9p -o $OPTS vmio $R/run/vmio || fatal "cannot mount the I/O share over 9p"
 echo "VMRIG-READY"
