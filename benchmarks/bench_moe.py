@@ -52,9 +52,13 @@ def random_routing(tokens, experts, k, gen):
     return NumaExperts.route(logits, k)
 
 
-def timed(fn, calls):
+def timed(fn, calls, pause):
     times = []
     for args in calls:
+        # Idle first, as between the MoE layers of a real decode step: neither
+        # torch's OpenMP threads nor our workers are still spinning from the
+        # previous call, and both pay their wake-up (--pause-ms 0: back to back).
+        time.sleep(pause)
         t0 = time.perf_counter()
         fn(*args)
         times.append(time.perf_counter() - t0)
@@ -79,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=11, help="timed calls per case (median reported)")
     ap.add_argument("--placement", default="split", choices=["split", "by-expert", "replicate"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pause-ms", type=float, default=20.0, help="idle time before each timed call")
     args = ap.parse_args(argv)
     E, H, I, K = args.experts, args.hidden, args.intermediate, args.top_k  # noqa: E741
     dtype = torch.bfloat16
@@ -139,7 +144,7 @@ def main(argv=None) -> int:
             for i, call in enumerate(calls[1:]):
                 order = ((t_loop, loop_fn), (t_numa, layer)) if i % 2 else ((t_numa, layer), (t_loop, loop_fn))
                 for times, fn in order:
-                    times.extend(timed(fn, [call]))
+                    times.extend(timed(fn, [call], args.pause_ms / 1e3))
         touched = [ids.unique().numel() * per_expert for _, ids, _ in calls[1:]]
         measured.append((T, touched, t_numa, t_loop))
         sample_bandwidth()

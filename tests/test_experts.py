@@ -625,4 +625,6 @@ def test_slices_live_on_their_nodes_in_a_two_node_guest():
     copies = {"split": 1.0, "by-expert": 1.0, "replicate": 2.0}
     for placement, n in copies.items():
         r = out[placement]
+        print(f"{placement}: {out['kernel']}, RSS {r['rss_growth'] / r['weight_bytes']:.3f}x the weights, "
+              f"pages {[s['pages'] for s in r['slices']]}, error {r['error']:.1e}")
         assert abs(r["rss_growth"] / r["weight_bytes"] - n) <= 0.05 * n, (placement, r["rss_growth"])
