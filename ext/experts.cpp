@@ -16,7 +16,6 @@
 #include "memory.h"
 #include "workers.h"
 
-
 // The generic vector code below is written once with GCC vector extensions and
 // compiled for AVX2 and AVX-512 by being inlined (always_inline) into functions
 // with target attributes; it never crosses a call boundary, so GCC's notes on
