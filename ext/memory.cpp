@@ -12,6 +12,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "sysfs.h"
 #include "workers.h"
 
 namespace cnuma {
@@ -24,37 +25,6 @@ constexpr int kMpolModeFlags = (1 << 15) | (1 << 14) | (1 << 13);
 constexpr unsigned kMpolFNode = 1, kMpolFAddr = 2;
 constexpr size_t kHugePage = size_t{2} << 20;
 constexpr int kMaxNodes = 1024;
-
-std::string read_text(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) return {};
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-std::vector<int> parse_list(const std::string& s) {
-  std::vector<int> out;
-  std::stringstream ss(s);
-  std::string part;
-  while (std::getline(ss, part, ',')) {
-    part.erase(std::remove_if(part.begin(), part.end(), ::isspace), part.end());
-    if (part.empty()) continue;
-    const auto dash = part.find('-');
-    try {
-      if (dash == std::string::npos) {
-        out.push_back(std::stoi(part));
-      } else {
-        for (int c = std::stoi(part.substr(0, dash)), b = std::stoi(part.substr(dash + 1)); c <= b;
-             ++c)
-          out.push_back(c);
-      }
-    } catch (const std::exception&) {
-      return {};
-    }
-  }
-  return out;
-}
 
 std::string human(int64_t bytes) {
   const char* unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -210,7 +180,7 @@ const char* policy_name(Policy p) {
 
 std::vector<int> online_nodes() {
   const std::string s = read_text("/sys/devices/system/node/online");
-  std::vector<int> v = parse_list(s);
+  std::vector<int> v = parse_cpulist(s);
   if (v.empty()) v.push_back(0);  // kernels without NUMA sysfs: one node
   return v;
 }
@@ -219,7 +189,7 @@ std::vector<int> allowed_mem_nodes() {
   std::stringstream ss(read_text("/proc/self/status"));
   std::string line;
   while (std::getline(ss, line))
-    if (line.compare(0, 18, "Mems_allowed_list:") == 0) return parse_list(line.substr(18));
+    if (line.compare(0, 18, "Mems_allowed_list:") == 0) return parse_cpulist(line.substr(18));
   return online_nodes();
 }
 

@@ -1,4 +1,5 @@
 #include "workers.h"
+#include "sysfs.h"
 
 #include <dirent.h>
 #include <immintrin.h>
@@ -37,36 +38,6 @@ void futex_wait(std::atomic<uint32_t>* word, uint32_t expected) {
 void futex_wake_all(std::atomic<uint32_t>* word) {
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr,
           nullptr, 0);
-}
-
-std::string read_text(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) return {};
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-std::vector<int> parse_cpulist(const std::string& s) {
-  std::vector<int> out;
-  std::stringstream ss(s);
-  std::string part;
-  while (std::getline(ss, part, ',')) {
-    part.erase(std::remove_if(part.begin(), part.end(), ::isspace), part.end());
-    if (part.empty()) continue;
-    const auto dash = part.find('-');
-    try {
-      if (dash == std::string::npos) {
-        out.push_back(std::stoi(part));
-      } else {
-        const int a = std::stoi(part.substr(0, dash)), b = std::stoi(part.substr(dash + 1));
-        for (int c = a; c <= b; ++c) out.push_back(c);
-      }
-    } catch (const std::exception&) {
-      return {};
-    }
-  }
-  return out;
 }
 
 int read_int(const std::string& path, int fallback) {
