@@ -49,6 +49,16 @@ inline void store1(void* p, int64_t i, float x) {
   else static_cast<uint16_t*>(p)[i] = float_to_bf16(x);
 }
 
+// Software prefetch distance, in elements. The hardware prefetchers alone left
+// ~15 % of the bandwidth unused on Sapphire Rapids with four read streams;
+// 512-1024 elements ahead measured best. Prefetches never fault.
+constexpr int64_t kPrefetch = 512;
+
+template <DType D>
+inline const char* ahead(const void* p, int64_t i) {
+  return static_cast<const char*>(p) + (i + kPrefetch) * (D == DType::F32 ? 4 : 2);
+}
+
 // The reference element update; the SIMD bodies below are this, lane-wise.
 template <DType P, DType G, DType S, bool M>
 inline void update1(const AdamWJob& j, int64_t i, bool small_weight) {
@@ -115,6 +125,10 @@ CNUMA_AVX2 void run_avx2(const AdamWJob& j, int64_t b, int64_t e) {
   const bool stream = M && P == DType::BF16 && (reinterpret_cast<uintptr_t>(p16 + b) & 15) == 0;
   int64_t i = b;
   for (; i + 8 <= e; i += 8) {
+    _mm_prefetch(ahead<G>(j.grad, i), _MM_HINT_T0);
+    _mm_prefetch(M ? ahead<DType::F32>(j.master, i) : ahead<P>(j.param, i), _MM_HINT_T0);
+    _mm_prefetch(ahead<S>(j.exp_avg, i), _MM_HINT_T0);
+    _mm_prefetch(ahead<S>(j.exp_avg_sq, i), _MM_HINT_T0);
     const __m256 g = _mm256_mul_ps(ld8(j.grad, i, G), factor);
     __m256 p = M ? _mm256_loadu_ps(j.master + i) : ld8(j.param, i, P);
     __m256 m = ld8(j.exp_avg, i, S);
@@ -178,6 +192,10 @@ CNUMA_AVX512 void run_avx512(const AdamWJob& j, int64_t b, int64_t e) {
   for (int64_t i = b; i < e; i += 16) {
     const int64_t left = e - i;
     const __mmask16 k = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+    _mm_prefetch(ahead<G>(j.grad, i), _MM_HINT_T0);
+    _mm_prefetch(M ? ahead<DType::F32>(j.master, i) : ahead<P>(j.param, i), _MM_HINT_T0);
+    _mm_prefetch(ahead<S>(j.exp_avg, i), _MM_HINT_T0);
+    _mm_prefetch(ahead<S>(j.exp_avg_sq, i), _MM_HINT_T0);
     const __m512 g = _mm512_mul_ps(ld16(j.grad, i, k, G), factor);
     __m512 p = M ? _mm512_maskz_loadu_ps(k, j.master + i) : ld16(j.param, i, k, P);
     __m512 m = ld16(j.exp_avg, i, k, S);
