@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from composer_numa import NumaAdamW
-from composer_numa._native import native
+from composer_numa.offload.native import native
 
 GPT2_LAYERS = 12
 D, V, CTX = 768, 50257, 1024

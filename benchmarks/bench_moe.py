@@ -32,8 +32,8 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from composer_numa._native import native
-from composer_numa.experts import NumaExperts, _read_bandwidth_gbps
+from composer_numa.offload.experts import NumaExperts, _read_bandwidth_gbps
+from composer_numa.offload.native import native
 
 
 def torch_moe_loop(x, ids, weights, gate, up, down):

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Any
 from composer_numa._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
-    from composer_numa.callback import NumaAffinity
-    from composer_numa.experts import NumaExperts
-    from composer_numa.optim import NumaAdamW
-    from composer_numa.plan import MemoryPolicy, Mode, PlanOptions, RankPlan
-    from composer_numa.topology import Topology, discover
+    from composer_numa.binding.session import bind_rank
+    from composer_numa.composer.callback import NumaAffinity
+    from composer_numa.machine.sysfs import discover
+    from composer_numa.machine.topology import Topology
+    from composer_numa.offload.experts import NumaExperts
+    from composer_numa.offload.optim import NumaAdamW
+    from composer_numa.plan import MemoryPolicy, MemoryTarget, Mode, PlanOptions, RankPlan
 
 __all__ = [
     "__version__",
@@ -25,23 +27,26 @@ __all__ = [
     "NumaExperts",
     "Mode",
     "MemoryPolicy",
+    "MemoryTarget",
     "PlanOptions",
     "RankPlan",
     "Topology",
     "discover",
-
+    "bind_rank",
 ]
 
 _LAZY = {
-    "NumaAffinity": "composer_numa.callback",
-    "NumaAdamW": "composer_numa.optim",
-    "NumaExperts": "composer_numa.experts",
+    "NumaAffinity": "composer_numa.composer.callback",
+    "NumaAdamW": "composer_numa.offload.optim",
+    "NumaExperts": "composer_numa.offload.experts",
     "Mode": "composer_numa.plan",
     "MemoryPolicy": "composer_numa.plan",
+    "MemoryTarget": "composer_numa.plan",
     "PlanOptions": "composer_numa.plan",
     "RankPlan": "composer_numa.plan",
-    "Topology": "composer_numa.topology",
-    "discover": "composer_numa.topology",
+    "Topology": "composer_numa.machine.topology",
+    "discover": "composer_numa.machine.sysfs",
+    "bind_rank": "composer_numa.binding.session",
 }
 
 

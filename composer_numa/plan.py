@@ -1,4 +1,4 @@
-"""The rank planner: a pure function from a :class:`~composer_numa.topology.Topology`
+"""The rank planner: a pure function from a :class:`~composer_numa.machine.topology.Topology`
 and options to one binding per local rank.
 
 No I/O happens here, so every decision can be tested from fake topologies and
@@ -23,19 +23,26 @@ CPU modes (CPUs are always inside the cpuset and never empty):
 ``num_threads`` is the number of physical cores of the rank's CPUs divided by
 the number of ranks with exactly those CPUs (at least 1).
 
-Memory policies: ``preferred`` (the home), ``bind`` and ``interleave`` (the
-memory nodes of the rank's ``numa_nodes``; all of the socket's in ``socket``
-mode), ``local``, ``none``. Memory nodes are always allowed (``Mems_allowed``)
-and have memory: a memory-less home uses the nearest node with memory. With a
-``memory_need`` per rank larger than the free memory of the target nodes (ranks
-sharing nodes add up), ``bind`` falls back to ``preferred`` and the other
-policies keep theirs; both warn ``node-memory-insufficient``.
+Memory policies: ``preferred`` (the home; in ``socket`` mode every memory node
+of the socket, home first, as ``MPOL_PREFERRED_MANY``), ``bind`` and
+``interleave`` (the memory nodes of the rank's ``numa_nodes``; all of the
+socket's in ``socket`` mode), ``local``, ``none``. Memory nodes are always
+allowed (``Mems_allowed``) and have memory: a memory-less home uses the nearest
+node with memory. ``memory_target="hbm"`` puts the policy on the CPU-less memory
+nodes attached to the rank's nodes instead (HBM in flat mode, CXL expanders,
+Grace's GPU memory), warning ``memory-target-unavailable`` when there are none.
+With a ``memory_need`` per rank larger than what the target nodes have
+available (free + reclaimable page cache, see
+:mod:`composer_numa.machine.capacity`; ranks sharing nodes add up), ``bind``
+falls back to ``preferred`` and the other policies keep theirs; both warn
+``node-memory-insufficient``, which also warns when the ranks together need
+more than the memory cgroup allows.
 
 Special cases: a cpuset without any CPU of the home moves the rank to the
 nearest node with allowed CPUs (ties: the one with fewer ranks) and warns
 ``cpuset-excludes-gpu-node``; a GPU whose node is unknown gets all allowed CPUs
-(an exclusive share of them in ``exclusive`` mode, an L3 domain of them in
-``core-complex``), no memory policy and ``gpu-numa-unknown``. Machine-wide
+(in ``exclusive`` and ``core-complex`` mode a share of the allowed CPUs that no
+rank with a known node holds), no memory policy and ``gpu-numa-unknown``. Machine-wide
 warnings: ``sub-numa-clustering`` (more CPU nodes than sockets),
 ``numa-balancing-enabled`` and ``more-ranks-than-gpus``. Warnings are
 deduplicated and in a stable order.
@@ -48,10 +55,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from enum import Enum
 
-from composer_numa.cpulist import format_cpulist, format_size, parse_size
 from composer_numa.diagnostics import (
     CPUSET_EXCLUDES_GPU_NODE,
     GPU_NUMA_UNKNOWN,
+    MEMORY_TARGET_UNAVAILABLE,
     MORE_RANKS_THAN_GPUS,
     NODE_MEMORY_INSUFFICIENT,
     NUMA_BALANCING_ENABLED,
@@ -60,9 +67,11 @@ from composer_numa.diagnostics import (
     Diagnostic,
 )
 from composer_numa.errors import ComposerNumaError, PlanError
-from composer_numa.topology import Gpu, Topology
+from composer_numa.machine.topology import Gpu, Topology
+from composer_numa.units import format_cpulist, format_size, parse_size
 
-__all__ = ["Mode", "MemoryPolicy", "PlanOptions", "RankPlan", "Plan", "plan"]
+__all__ = ["Mode", "MemoryPolicy", "MemoryTarget", "MAX_RANKS", "PlanOptions", "RankPlan", "Plan", "plan",
+           "normalise"]
 
 
 class Mode(str, Enum):
@@ -85,6 +94,17 @@ class MemoryPolicy(str, Enum):
     NONE = "none"
 
 
+class MemoryTarget(str, Enum):
+    """Which kind of memory node a rank's policy names."""
+
+    LOCAL = "local"  # the DRAM of the rank's own nodes
+    HBM = "hbm"  # the CPU-less memory nodes attached to them (HBM flat mode, CXL, GPU memory)
+
+
+#: Most local ranks one plan may hold (no host runs more processes than this).
+MAX_RANKS = 1 << 16
+
+
 @dataclass(frozen=True)
 class PlanOptions:
     """What the user asked for.
@@ -95,6 +115,8 @@ class PlanOptions:
         memory: memory policy (a :class:`MemoryPolicy` or its value).
         memory_need: bytes one rank needs on its node (or a size such as ``"380G"``);
             a strict ``bind`` that cannot hold it falls back to ``preferred``.
+        memory_target: :class:`MemoryTarget` (or its value): the rank's own nodes
+            (``local``) or the CPU-less memory nodes attached to them (``hbm``).
             :func:`plan` returns the options normalised to enums and bytes.
     """
 
@@ -102,6 +124,7 @@ class PlanOptions:
     mode: Mode = Mode.NODE
     memory: MemoryPolicy = MemoryPolicy.PREFERRED
     memory_need: int | None = None
+    memory_target: MemoryTarget = MemoryTarget.LOCAL
 
 
 @dataclass(frozen=True)
@@ -173,7 +196,7 @@ def plan(topology: Topology, options: PlanOptions | None = None) -> Plan:
     memory policies and warnings.
 
     Args:
-        topology: the machine, from :func:`composer_numa.topology.discover` or built by hand.
+        topology: the machine, from :func:`composer_numa.machine.topology.discover` or built by hand.
             An empty ``allowed_cpus`` / ``allowed_mems`` means "no cpuset restriction".
         options: what to plan; ``mode`` and ``memory`` may be given as strings and
             ``memory_need`` as a size string (``"380G"``). Defaults to ``PlanOptions()``.
@@ -186,7 +209,7 @@ def plan(topology: Topology, options: PlanOptions | None = None) -> Plan:
             unknown mode or policy) or the topology has no usable CPU.
 
     Example:
-        >>> from composer_numa.topology import Cpu, Gpu, Node, Topology
+        >>> from composer_numa.machine.topology import Cpu, Gpu, Node, Topology
         >>> topo = Topology(
         ...     nodes=(Node(0, (0, 1), 1 << 30, 1 << 30, (10,)),),
         ...     cpus=(Cpu(0, 0, 0, 0, (0,), (0, 1)), Cpu(1, 0, 0, 1, (1,), (0, 1))),
@@ -195,7 +218,7 @@ def plan(topology: Topology, options: PlanOptions | None = None) -> Plan:
         >>> plan(topo, PlanOptions(nproc=1)).ranks[0].cpus
         (0, 1)
     """
-    opts = _normalise(options)
+    opts = normalise(options)
     view = _View(topology)
     diags: list[Diagnostic] = []
     _machine_warnings(view, diags)
@@ -238,7 +261,12 @@ def _coerce(enum_cls: type[Enum], value: object, what: str):
     raise PlanError(f"unknown {what} {value!r}; valid: {valid}")
 
 
-def _normalise(options: PlanOptions | None) -> PlanOptions:
+def normalise(options: PlanOptions | None) -> PlanOptions:
+    """``options`` with enums and bytes in place of their strings, validated.
+
+    Raises:
+        PlanError: an invalid value, named in one line.
+    """
     if options is None:
         options = PlanOptions()
     if not isinstance(options, PlanOptions):
@@ -246,8 +274,8 @@ def _normalise(options: PlanOptions | None) -> PlanOptions:
     nproc = options.nproc
     if isinstance(nproc, bool) or not isinstance(nproc, int):
         raise PlanError(f"nproc must be an integer, got {nproc!r}")
-    if nproc < 1:
-        raise PlanError(f"nproc must be at least 1, got {nproc}")
+    if not 1 <= nproc <= MAX_RANKS:
+        raise PlanError(f"nproc must be between 1 and {MAX_RANKS}, got {nproc}")
     need = options.memory_need
     if isinstance(need, str):
         try:
@@ -256,13 +284,14 @@ def _normalise(options: PlanOptions | None) -> PlanOptions:
             raise PlanError(f"memory_need: {e}") from None
     elif need is not None and (isinstance(need, bool) or not isinstance(need, int)):
         raise PlanError(f"memory_need must be a number of bytes, got {need!r}")
-    if need is not None and need < 0:
-        raise PlanError(f"memory_need must not be negative, got {need}")
+    if need is not None and not 0 <= need < 1 << 64:
+        raise PlanError(f"memory_need must be between 0 and 16 EiB, got {need}")
     return PlanOptions(
         nproc=nproc,
         mode=_coerce(Mode, options.mode, "mode"),
         memory=_coerce(MemoryPolicy, options.memory, "memory policy"),
         memory_need=need,
+        memory_target=_coerce(MemoryTarget, options.memory_target, "memory target"),
     )
 
 
@@ -306,7 +335,7 @@ class _View:
         mems = set(topo.allowed_mems) if topo.allowed_mems else set(self.node_ids)
         self.allowed_mems = tuple(sorted(mems))
         self.mem_nodes = [n.id for n in topo.nodes if n.id in mems and n.has_memory]
-        self.free = {n.id: n.memory_free for n in topo.nodes}
+        self.available = {n.id: n.available for n in topo.nodes}
 
     def dist(self, a: int, b: int) -> int:
         try:
@@ -322,6 +351,12 @@ class _View:
 
     def cores(self, cpus: tuple[int, ...]) -> int:
         return len({self.cpu[c].core_key for c in cpus})
+
+    def attached_memory(self, cpu_nodes: tuple[int, ...]) -> tuple[int, ...]:
+        """Allowed CPU-less memory nodes whose nearest CPU node is one of ``cpu_nodes``."""
+        return tuple(n.id for n in self.topo.nodes
+                     if not n.has_cpus and n.id in self.mem_nodes
+                     and self.topo.attached_cpu_node(n.id) in cpu_nodes)
 
     def memory_node(self, node: int) -> int | None:
         """Where memory meant for ``node`` goes: itself, or the nearest allowed node with memory."""
@@ -339,17 +374,16 @@ def _machine_warnings(view: _View, diags: list[Diagnostic]) -> None:
     if nodes > sockets:
         diags.append(Diagnostic(
             SUB_NUMA_CLUSTERING,
-            f"{nodes} NUMA nodes with CPUs on {sockets} socket(s): sub-NUMA clustering "
-            f"(SNC / NPS) is on; ranks are planned per node, and anything kept once per node "
-            f"(e.g. per-node weight copies) multiplies memory by {nodes}"
-            + ("" if sockets == 1 else f" instead of {sockets}"),
+            f"{nodes} NUMA nodes with CPUs on {sockets} socket(s): sub-NUMA clustering (SNC / NPS) is on",
+            f"ranks are planned per node, and anything kept once per node (e.g. per-node weight "
+            f"copies) multiplies memory by {nodes}" + ("" if sockets == 1 else f" instead of {sockets}"),
         ))
     if topo.numa_balancing:
         diags.append(Diagnostic(
             NUMA_BALANCING_ENABLED,
             "kernel.numa_balancing is on: the kernel's automatic NUMA balancing migrates pages "
-            "and threads against the planned binding; disable it with "
-            "`sysctl kernel.numa_balancing=0`",
+            "and threads against the planned binding",
+            "disable it with `sysctl kernel.numa_balancing=0`",
         ))
 
 
@@ -370,32 +404,31 @@ def _homes(view: _View, nproc: int, diags: list[Diagnostic]) -> list[tuple[Gpu |
     if nproc > len(gpus):
         diags.append(Diagnostic(
             MORE_RANKS_THAN_GPUS,
-            f"{nproc} ranks but {len(gpus)} visible GPU(s): rank r drives GPU r mod {len(gpus)}, "
-            f"so GPUs and their CPUs are shared",
+            f"{nproc} ranks but {len(gpus)} visible GPU(s)",
+            f"rank r drives GPU r mod {len(gpus)}, so GPUs and their CPUs are shared",
         ))
     homes: list[int | None] = []
     excluded: list[tuple[int, Gpu, int, int]] = []
+    warned: set[int] = set()
     for r in range(nproc):
         gpu = gpus[r % len(gpus)]
         node = gpu.numa_node
         if len(view.node_ids) == 1 and node not in view.node_ids:
             node = view.node_ids[0]  # one node: there is nowhere else it could be
         if node is None or node not in view.node_ids:
-            if node is None:
-                why = "has no NUMA node (sysfs numa_node is -1)"
-            else:
-                why = f"reports NUMA node {node}, which does not exist"
-            hint = (
-                "name the GPUs' PCI addresses in COMPOSER_NUMA_GPUS"
-                if gpu.pci_bus_id is None
-                else "the firmware does not say where the device is attached, common in VMs"
-            )
-            diags.append(Diagnostic(
-                GPU_NUMA_UNKNOWN,
-                f"GPU {gpu.index} ({gpu.pci_bus_id or 'PCI address unknown'}) {why} on this "
-                f"{len(view.node_ids)}-node machine: its rank gets all allowed CPUs and no "
-                f"memory policy ({hint})",
-            ))
+            if gpu.index not in warned:
+                warned.add(gpu.index)
+                why = (gpu.numa_unknown_reason if node is None and gpu.numa_unknown_reason
+                       else "it has no NUMA node" if node is None
+                       else f"it reports NUMA node {node}, which does not exist")
+                hint = ("" if gpu.pci_bus_id is None
+                        else " (the firmware does not say where the device is attached, common in VMs)")
+                diags.append(Diagnostic(
+                    GPU_NUMA_UNKNOWN,
+                    f"GPU {gpu.index} ({gpu.pci_bus_id or 'PCI address unknown'}): NUMA node unknown on this "
+                    f"{len(view.node_ids)}-node machine: {why}{hint}",
+                    "its rank gets allowed CPUs no other rank holds and no memory policy",
+                ))
             homes.append(None)
             continue
         cpu_node = node if node in view.node_allowed else view.nearest(node, view.cpu_nodes)
@@ -419,8 +452,8 @@ def _homes(view: _View, nproc: int, diags: list[Diagnostic]) -> list[tuple[Gpu |
         diags.append(Diagnostic(
             CPUSET_EXCLUDES_GPU_NODE,
             f"GPU {gpu.index} is on node {node}{via} but the cpuset allows none of node "
-            f"{cpu_node}'s CPUs (allowed: {format_cpulist(view.allowed)}); rank {r} uses "
-            f"node {choice}, the nearest node with allowed CPUs (distance {best})",
+            f"{cpu_node}'s CPUs (allowed: {format_cpulist(view.allowed)})",
+            f"rank {r} uses node {choice}, the nearest node with allowed CPUs (distance {best})",
         ))
     return [(gpus[r % len(gpus)], homes[r]) for r in range(nproc)]
 
@@ -478,17 +511,32 @@ def _cpus(
     for r, h in enumerate(homes):
         groups.setdefault(h, []).append(r)
     out: list[tuple[int, ...]] = [()] * len(homes)
-    for home, ranks in groups.items():
+    # Ranks with a known node first: ranks whose GPU's node is unknown take what they leave.
+    for home in sorted(groups, key=lambda h: (h is None, h if h is not None else 0)):
+        ranks = groups[home]
         pool = _pool(view, home)
+        if home is None:
+            held = {c for r, share in enumerate(out) if share for c in share}
+            rest = tuple(c for c in pool if c not in held)
+            pool = rest or pool
         if mode is Mode.EXCLUSIVE:
             shares = _split_cores(view, pool, len(ranks))
             cores = view.cores(pool)
             if len(ranks) > cores:
-                where = "the allowed CPUs" if home is None else f"node {home}"
+                where = (f"node {home}" if home is not None else
+                         "the allowed CPUs no other rank holds" if pool != view.allowed else "the allowed CPUs")
                 diags.append(Diagnostic(
                     TOO_FEW_CORES,
-                    f"{len(ranks)} ranks ({_ranks(ranks)}) on {where} but only {cores} allowed "
-                    f"physical core(s): ranks share cores round-robin",
+                    f"{_count(len(ranks), 'rank')} ({_ranks(ranks)}) on {where} but only {cores} allowed "
+                    f"physical core(s)",
+                    "ranks share cores round-robin",
+                ))
+            elif home is None and pool == view.allowed and len(groups) > 1:
+                diags.append(Diagnostic(
+                    TOO_FEW_CORES,
+                    f"rank{'s' if len(ranks) > 1 else ''} {_ranks(ranks)}, whose GPU's node is unknown, "
+                    "find no allowed CPU that another rank does not hold",
+                    "they share CPUs with the other ranks",
                 ))
         else:
             domains = _l3_domains(view, pool)
@@ -511,7 +559,8 @@ def _threads(
                 diags.append(Diagnostic(
                     TOO_FEW_CORES,
                     f"{len(ranks)} ranks ({_ranks(ranks)}) share CPUs {format_cpulist(c)}, which "
-                    f"have only {cores} physical core(s): their threads compete",
+                    f"have only {cores} physical core(s)",
+                    "their threads compete",
                 ))
     total = view.cores(view.allowed)
     if len(cpus) > total and not any(d.code == TOO_FEW_CORES for d in diags):
@@ -519,6 +568,7 @@ def _threads(
             TOO_FEW_CORES,
             f"{len(cpus)} ranks but only {total} allowed physical core(s) "
             f"({format_cpulist(view.allowed)})",
+            "ranks share cores",
         ))
     return [max(1, view.cores(c) // len(sharing[c])) for c in cpus]
 
@@ -544,11 +594,14 @@ def _memory(
         if any(h is not None for _, h in homes):
             diags.append(Diagnostic(
                 NODE_MEMORY_INSUFFICIENT,
-                f"no allowed memory node (allowed: {format_cpulist(view.allowed_mems) or 'none'}) "
-                f"reports any memory: no memory policy is set",
+                f"no allowed memory node (allowed: {format_cpulist(view.allowed_mems, 'none')}) "
+                f"reports any memory",
+                "no memory policy is set",
             ))
         return policies, nodes
 
+    hbm = opts.memory_target is MemoryTarget.HBM and opts.memory is not MemoryPolicy.LOCAL
+    missing_hbm: list[int] = []
     for r, (gpu, home) in enumerate(homes):
         if home is None:
             continue  # unknown GPU node: already warned, no policy
@@ -558,16 +611,42 @@ def _memory(
             diags.append(Diagnostic(
                 CPUSET_EXCLUDES_GPU_NODE,
                 f"the cpuset's memory nodes ({format_cpulist(view.allowed_mems)}) exclude node "
-                f"{home}, GPU {gpu.index}'s node: its rank's memory goes to node {first}",
+                f"{home}, GPU {gpu.index}'s node",
+                f"its rank's memory goes to node {first}",
             ))
-        primary[r] = first
         policies[r] = opts.memory
-        if opts.memory in (MemoryPolicy.PREFERRED, MemoryPolicy.LOCAL):
+        if opts.memory is MemoryPolicy.LOCAL:
             targets[r] = (first,)
-            nodes[r] = (first,) if opts.memory is MemoryPolicy.PREFERRED else ()
-        else:
+            primary[r] = first
+            continue
+        spread = opts.memory is not MemoryPolicy.PREFERRED or opts.mode is Mode.SOCKET
+        if spread:
             mapped = {view.memory_node(x) for x in numa_nodes[r]}
-            targets[r] = nodes[r] = tuple(sorted(x for x in mapped if x is not None))
+            wanted = tuple(x for x in mapped if x is not None)
+        else:
+            wanted = (first,)
+        near = first
+        if hbm:
+            attached = view.attached_memory(numa_nodes[r] if spread else (home,))
+            if attached:
+                wanted = attached
+                near = min(attached, key=lambda x: (view.dist(home, x), x))
+            else:
+                missing_hbm.append(r)
+        # preferred lists the nearest node first (the fallback when MPOL_PREFERRED_MANY is missing)
+        if opts.memory is MemoryPolicy.PREFERRED:
+            wanted = tuple(sorted(wanted, key=lambda x, h=home, n=near: (x != n, view.dist(h, x), x)))
+        else:
+            wanted = tuple(sorted(wanted))
+        primary[r] = near
+        targets[r] = nodes[r] = wanted
+    if missing_hbm:
+        diags.append(Diagnostic(
+            MEMORY_TARGET_UNAVAILABLE,
+            f"memory target hbm: the nodes of rank{'s' if len(missing_hbm) > 1 else ''} "
+            f"{_ranks(missing_hbm)} have no CPU-less memory node attached (HBM, CXL or GPU memory)",
+            "their policy uses their own nodes' memory",
+        ))
 
     need = opts.memory_need
     if not need:
@@ -582,8 +661,8 @@ def _memory(
                 demand[x] = demand.get(x, 0.0) + need / len(t)
     for t, ranks in groups.items():
         want = sum(demand[x] for x in t)
-        free = sum(view.free.get(x, 0) for x in t)
-        if want <= free:
+        have = sum(view.available.get(x, 0) for x in t)
+        if want <= have:
             continue
         where = f"node {t[0]}" if len(t) == 1 else f"nodes {format_cpulist(t)}"
         policy = policies[ranks[0]]
@@ -594,13 +673,28 @@ def _memory(
             outcome = "a strict bind would run out of memory, so the policy is preferred instead"
         else:
             outcome = f"with {policy.value} the rest spills to other nodes (remote memory)"
+        who = f"rank {ranks[0]} needs" if len(ranks) == 1 else f"ranks {_ranks(ranks)} need"
+        each = " each" if len(ranks) > 1 else ""
         diags.append(Diagnostic(
             NODE_MEMORY_INSUFFICIENT,
-            f"rank{'s' if len(ranks) > 1 else ''} {_ranks(ranks)} need {format_size(need)} each; "
-            f"{where} would have to hold {format_size(int(want))} but "
-            f"{'has' if len(t) == 1 else 'have'} {format_size(free)} free: {outcome}",
+            f"{who} {format_size(need)}{each}; {where} would have to hold {format_size(int(want))} but "
+            f"{'has' if len(t) == 1 else 'have'} {format_size(have)} available",
+            outcome,
+        ))
+    room = view.topo.memory_room
+    planned = sum(1 for t in targets if t)
+    if room is not None and planned and need * planned > room:
+        diags.append(Diagnostic(
+            NODE_MEMORY_INSUFFICIENT,
+            f"{_count(planned, 'rank')} need{'s' if planned == 1 else ''} {format_size(need * planned)} "
+            f"together but the memory cgroup allows {format_size(room)} more",
+            "a memory policy cannot help: expect the OOM killer unless the cgroup limit is raised",
         ))
     return policies, nodes
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _ranks(ranks: list[int]) -> str:

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def binding_report() -> dict:
     """This rank's binding as the kernel reports it (the main thread's)."""
-    from composer_numa import linux
+    from composer_numa.binding import linux
 
     report: dict = {
         "pid": os.getpid(),
@@ -80,9 +80,9 @@ def numa_callbacks(enabled: bool, args: argparse.Namespace | None = None) -> lis
     if not enabled:
         return []
     try:
-        from composer_numa.callback import NumaAffinity
+        from composer_numa.composer.callback import NumaAffinity
     except ModuleNotFoundError as e:
-        if e.name != "composer_numa.callback":
+        if e.name != "composer_numa.composer.callback":
             raise
         print("composer-numa-example: NumaAffinity is not available; training without it",
               file=sys.stderr)

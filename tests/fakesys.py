@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from composer_numa.cpulist import format_cpulist, parse_cpulist
+from composer_numa.units import format_cpulist, parse_cpulist
 
 __all__ = ["build_tree"]
 

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from composer_numa.errors import ComposerNumaError, PlanError
+from composer_numa.machine.topology import Cpu, Node, Topology
 from composer_numa.plan import MemoryPolicy, Mode, Plan, PlanOptions, RankPlan, plan
-from composer_numa.topology import Cpu, Node, Topology
 from tests.topo_factory import GiB, make_topology
 
 
@@ -108,7 +108,10 @@ def test_nps4_socket_mode_and_memory_policies():
         assert r.memory_policy is MemoryPolicy.INTERLEAVE
         assert r.memory_nodes == tuple(range(4 * s, 4 * s + 4))
         assert r.num_threads == 4  # 32 cores, 8 ranks on the socket
-    p = run(topo, nproc=16, mode="socket", memory="preferred")
+    p = run(topo, nproc=16, mode="socket", memory="preferred")  # MPOL_PREFERRED_MANY, home first
+    assert [r.memory_nodes for r in p.ranks] == [
+        (r // 2, *sorted(set(range(4 * (r // 8), 4 * (r // 8) + 4)) - {r // 2})) for r in range(16)]
+    p = run(topo, nproc=16, mode="node", memory="preferred")
     assert [r.memory_nodes for r in p.ranks] == [(r // 2,) for r in range(16)]
     p = run(topo, nproc=16, mode="socket", memory="bind")
     assert p.ranks[3].memory_nodes == (0, 1, 2, 3)
@@ -231,7 +234,7 @@ def test_cpuset_excludes_gpu_node():
     assert [r.cpus for r in p.ranks] == [(0, 1, 2, 3)] * 2
     assert [r.num_threads for r in p.ranks] == [2, 2]
     assert codes(p) == ["cpuset-excludes-gpu-node"]
-    msg = p.warnings[0].message
+    msg = str(p.warnings[0])
     assert "GPU 1 is on node 1" in msg and "uses node 0" in msg
     p = run(topo, nproc=2, mode="exclusive")
     assert [r.cpus for r in p.ranks] == [(0, 1), (2, 3)]
@@ -327,14 +330,14 @@ def test_cpu_only_ranks_skip_nodes_outside_the_cpuset():
 def test_sub_numa_clustering_only_with_more_nodes_than_sockets():
     assert "sub-numa-clustering" in codes(run(make_topology(nodes_per_socket=2), nproc=1))
     assert "sub-numa-clustering" not in codes(run(make_topology(sockets=2), nproc=1))
-    msg = run(make_topology(nodes_per_socket=2), nproc=1).warnings[0].message
+    msg = str(run(make_topology(nodes_per_socket=2), nproc=1).warnings[0])
     assert "memory" in msg and "copies" in msg
 
 
 def test_numa_balancing_warning():
     p = run(make_topology(numa_balancing=True), nproc=1)
     assert codes(p) == ["numa-balancing-enabled"]
-    assert "sysctl kernel.numa_balancing=0" in p.warnings[0].message
+    assert "sysctl kernel.numa_balancing=0" in str(p.warnings[0])
     assert run(make_topology(numa_balancing=None), nproc=1).warnings == ()
 
 
@@ -375,8 +378,10 @@ def test_bind_falls_back_to_preferred_when_the_node_is_too_small():
     assert p.ranks[0].memory_policy is MemoryPolicy.PREFERRED
     assert p.ranks[0].memory_nodes == (1,)
     assert codes(p) == ["node-memory-insufficient"]
-    msg = p.warnings[0].message
-    assert "node 1" in msg and "380.0 GiB" in msg and "250.0 GiB" in msg and "bind" in msg
+    (diag,) = p.warnings
+    assert diag.message == ("rank 0 needs 380.0 GiB; node 1 would have to hold 380.0 GiB but has "
+                            "250.0 GiB available")
+    assert diag.outcome == "a strict bind would run out of memory, so the policy is preferred instead"
     ok = run(topo, nproc=1, memory="bind", memory_need=200 * GiB)
     assert ok.ranks[0].memory_policy is MemoryPolicy.BIND and ok.warnings == ()
 
@@ -385,7 +390,7 @@ def test_preferred_warns_but_stays_preferred():
     topo = make_topology(sockets=2, gpus=[1], mem_free=10 * GiB)
     p = run(topo, nproc=1, memory_need="20G")
     assert p.ranks[0].memory_policy is MemoryPolicy.PREFERRED
-    assert codes(p) == ["node-memory-insufficient"] and "spills" in p.warnings[0].message
+    assert codes(p) == ["node-memory-insufficient"] and "spills" in str(p.warnings[0])
 
 
 def test_memory_needs_of_ranks_sharing_a_node_add_up():
@@ -426,11 +431,14 @@ def test_warnings_deduplicated_in_stable_order():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(nproc=0), "nproc must be at least 1, got 0"),
-    (dict(nproc=-2), "nproc must be at least 1"),
+    (dict(nproc=0), "nproc must be between 1 and 65536, got 0"),
+    (dict(nproc=-2), "nproc must be between 1 and 65536"),
+    (dict(nproc=10**30), "nproc must be between 1 and 65536"),
     (dict(nproc=True), "nproc must be an integer"),
     (dict(nproc=1.5), "nproc must be an integer"),
-    (dict(memory_need=-1), "memory_need must not be negative"),
+    (dict(memory_need=-1), "memory_need must be between 0 and 16 EiB"),
+    (dict(memory_need="9" * 400), "larger than 16 EiB"),
+    (dict(memory_target="gpu"), "unknown memory target 'gpu'; valid: local, hbm"),
     (dict(memory_need="lots"), "invalid size 'lots'"),
     (dict(memory_need=1.5), "memory_need must be a number of bytes"),
     (dict(mode="bogus"), "unknown mode 'bogus'; valid: node, socket, exclusive, core-complex"),
@@ -484,7 +492,7 @@ def test_hand_built_topology_without_factory():
     # one node, two SMT cores, CPU-less node 1 hanging a GPU
     cpus = tuple(Cpu(i, 0, 0, i % 2, (i % 2, i % 2 + 2), (0, 1, 2, 3)) for i in range(4))
     nodes = (Node(0, (0, 1, 2, 3), GiB, GiB, (10, 40)), Node(1, (), GiB, GiB, (40, 10)))
-    from composer_numa.topology import Gpu
+    from composer_numa.machine.topology import Gpu
     topo = Topology(nodes=nodes, cpus=cpus, gpus=(Gpu(0, None, "nvidia", 1),))
     (r,) = run(topo, nproc=1, mode="exclusive").ranks
     assert r.cpus == (0, 1, 2, 3) and r.num_threads == 2 and r.gpu_pci_bus_id is None
@@ -553,8 +561,10 @@ def test_plan_properties(topo, opts):
             assert set(by_id[c].siblings) & allowed <= set(r.cpus)
         for m in r.memory_nodes:
             assert m in topo.allowed_mems and topo.node(m).has_memory
-        if r.memory_policy is MemoryPolicy.PREFERRED:
+        if r.memory_policy is MemoryPolicy.PREFERRED and opts.mode is not Mode.SOCKET:
             assert len(r.memory_nodes) == 1
+        elif r.memory_policy is MemoryPolicy.PREFERRED:  # every node of the socket, the nearest first
+            assert r.memory_nodes and len(set(r.memory_nodes)) == len(r.memory_nodes)
         elif r.memory_policy in (MemoryPolicy.LOCAL, MemoryPolicy.NONE):
             assert r.memory_nodes == ()
         else:
@@ -583,12 +593,12 @@ def test_exclusive_ranks_never_overlap(topo, nproc):
         n <= len({by_id[c].core_key for c in topo.node(node).cpus if c in allowed})
         for node, n in per_node.items()
     )
-    if enough:
-        for i, a in enumerate(known):
-            for b in known[i + 1:]:
-                assert not set(a.cpus) & set(b.cpus), (a, b)
-    else:
+    if not enough:
         assert "too-few-cores" in codes(p)
+    if "too-few-cores" not in codes(p):  # every rank, those whose GPU's node is unknown included
+        for i, a in enumerate(p.ranks):
+            for b in p.ranks[i + 1:]:
+                assert not set(a.cpus) & set(b.cpus), (a, b)
     for r in p.ranks:
         for c in r.cpus:
             assert set(by_id[c].siblings) & allowed <= set(r.cpus)

@@ -1,4 +1,4 @@
-"""Build :class:`~composer_numa.topology.Topology` objects directly, for planner tests.
+"""Build :class:`~composer_numa.machine.topology.Topology` objects directly, for planner tests.
 
 CPUs are numbered the way Linux numbers x86 servers: the first thread of every
 core (node 0's cores, then node 1's, ...), then the second SMT thread of every
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from composer_numa.topology import Cpu, Gpu, Node, Topology
+from composer_numa.machine.topology import Cpu, Gpu, Node, Topology
 
 GiB = 1 << 30
 

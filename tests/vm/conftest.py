@@ -7,7 +7,6 @@ missing; the kernel itself is downloaded into tests/vm/.cache on first use.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -24,15 +23,6 @@ def pytest_collection_modifyitems(config, items):
         path = Path(str(item.fspath)).resolve()
         if path.parent == _VM_DIR and path.name.startswith("test_vm_"):
             item.add_marker(pytest.mark.vm)
-
-
-def project_has(module: str) -> str | None:
-    """None when ``module`` of the project exists; otherwise a skip reason."""
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ImportError:
-        found = False
-    return None if found else f"{module} is not written yet"
 
 
 def cli() -> list[str]:

@@ -32,7 +32,7 @@ def assert_raw_matches(layout: Layout, raw: dict) -> None:
 
 
 def assert_discovered_matches(layout: Layout, disc: dict) -> None:
-    """composer_numa.topology.discover() in the guest gives back the layout exactly."""
+    """composer_numa.machine.topology.discover() in the guest gives back the layout exactly."""
     exp = layout.expected()
     assert [n["id"] for n in disc["nodes"]] == list(range(len(layout.nodes)))
     for got, want in zip(disc["nodes"], exp["nodes"], strict=True):

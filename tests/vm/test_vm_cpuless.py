@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.vm.conftest import boot_checks, cli, project_has, py
+from tests.vm.conftest import boot_checks, cli, py
 from tests.vm.expect import (
     assert_discovered_matches,
     assert_pages_on,
@@ -16,7 +16,6 @@ from tests.vm.expect import (
 from tests.vm.harness import CPULESS
 
 LAYOUT = CPULESS
-EXEC_MISSING = project_has("composer_numa.trampoline")
 CPU_NODE_CPUS = list(LAYOUT.nodes[0].cpus)
 
 
@@ -27,10 +26,9 @@ def _checks() -> dict:
         "report-gpu": [*report, "--nproc", "2"],
         "report-cpu-only": ["env", "COMPOSER_NUMA_GPUS=", *report, "--nproc", "2"],
     }
-    if not EXEC_MISSING:
-        for mode in ("node", "socket", "exclusive", "core-complex"):
-            checks[f"exec-{mode}"] = [*cli(), "exec", "--mode", mode, "--",
-                                      *py("alloc.py", "128")]
+    for mode in ("node", "socket", "exclusive", "core-complex"):
+        checks[f"exec-{mode}"] = [*cli(), "exec", "--mode", mode, "--",
+                                  *py("alloc.py", "128")]
     return checks
 
 
@@ -60,7 +58,6 @@ def test_report_never_plans_cpus_on_the_cpuless_node(boot, check):
         assert set(r["cpus"]) <= set(CPU_NODE_CPUS) and 1 not in r["numa_nodes"], r
 
 
-@pytest.mark.skipif(bool(EXEC_MISSING), reason=str(EXEC_MISSING))
 @pytest.mark.parametrize("mode", ["node", "socket", "exclusive", "core-complex"])
 def test_exec_never_runs_on_the_cpuless_node(boot, mode):
     out = boot.ok_json(f"exec-{mode}")

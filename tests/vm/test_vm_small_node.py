@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.vm.conftest import boot_checks, cli, project_has, py
+from tests.vm.conftest import boot_checks, cli, py
 from tests.vm.expect import assert_discovered_matches, assert_raw_matches, fraction_on
 from tests.vm.harness import SMALL_NODE
 
 LAYOUT = SMALL_NODE
 NEED_MIB = 1024
-EXEC_MISSING = project_has("composer_numa.trampoline")
 
 
 def _checks() -> dict:
@@ -21,9 +20,8 @@ def _checks() -> dict:
         "probe": py("probe.py"),
         "numactl-membind1": ["numactl", "--membind=1", "--", *py("alloc.py", str(NEED_MIB))],
     }
-    if not EXEC_MISSING:
-        checks["exec-bind-need"] = [*cli(), "exec", "--memory", "bind", "--memory-need", "1G",
-                                    "--", *py("alloc.py", str(NEED_MIB))]
+    checks["exec-bind-need"] = [*cli(), "exec", "--memory", "bind", "--memory-need", "1G",
+                                "--", *py("alloc.py", str(NEED_MIB))]
     return checks
 
 
@@ -47,7 +45,6 @@ def test_numactl_membind_of_a_too_big_job_fails(boot):
     assert '"pages"' not in r.stdout, "the allocation completed on a node that cannot hold it"
 
 
-@pytest.mark.skipif(bool(EXEC_MISSING), reason=str(EXEC_MISSING))
 def test_exec_with_memory_need_falls_back_and_completes(boot):
     r = boot["exec-bind-need"]
     assert r.returncode == 0, r.describe()

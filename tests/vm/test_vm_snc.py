@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.vm.conftest import boot_checks, cli, project_has, py
+from tests.vm.conftest import boot_checks, cli, py
 from tests.vm.expect import (
     assert_bound_as_planned,
     assert_discovered_matches,
@@ -20,7 +20,6 @@ from tests.vm.harness import SNC
 LAYOUT = SNC
 MIB = 256
 RANK = 2
-EXEC_MISSING = project_has("composer_numa.trampoline")
 
 GPU_NODE = LAYOUT.gpus[RANK]
 NODE_CPUS = list(LAYOUT.nodes[GPU_NODE].cpus)
@@ -32,7 +31,8 @@ ALL_CPUS = list(range(LAYOUT.ncpus))
 # check -> (mode, memory policy, expected CPUs, expected policy nodes)
 CASES = {
     "node-preferred": ("node", "preferred", NODE_CPUS, [GPU_NODE]),
-    "socket-preferred": ("socket", "preferred", SOCKET_CPUS, [GPU_NODE]),
+    # socket mode prefers every node of the socket (MPOL_PREFERRED_MANY), the GPU's first
+    "socket-preferred": ("socket", "preferred", SOCKET_CPUS, SOCKET_NODES),
     "exclusive-bind": ("exclusive", "bind", NODE_CPUS, [GPU_NODE]),
     # QEMU gives every vCPU its own L3 here, so the node's domain is its one CPU
     "core-complex-preferred": ("core-complex", "preferred", NODE_CPUS, [GPU_NODE]),
@@ -47,11 +47,10 @@ def _checks() -> dict:
         "probe": py("probe.py"),
         "report": [*cli(), "report", "--format", "json", "--nproc", "4"],
     }
-    if not EXEC_MISSING:
-        for name, (mode, memory, _, _) in CASES.items():
-            checks[f"exec-{name}"] = [
-                *cli(), "exec", "--local-rank", str(RANK), "--nproc", "4", "--mode", mode,
-                "--memory", memory, "--", *py("alloc.py", str(MIB), "--touch-from-cpu", "0")]
+    for name, (mode, memory, _, _) in CASES.items():
+        checks[f"exec-{name}"] = [
+            *cli(), "exec", "--local-rank", str(RANK), "--nproc", "4", "--mode", mode,
+            "--memory", memory, "--", *py("alloc.py", str(MIB), "--touch-from-cpu", "0")]
     return checks
 
 
@@ -78,7 +77,6 @@ def test_report_plans_each_rank_on_its_gpu_node(boot):
     assert "sub-numa-clustering" in {w["code"] for w in rep["warnings"]}, rep["warnings"]
 
 
-@pytest.mark.skipif(bool(EXEC_MISSING), reason=str(EXEC_MISSING))
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_exec_binding_matches_plan(boot, case):
     """Each mode gives rank 2 the CPUs the layout implies (its node, its socket, an exclusive
@@ -87,7 +85,6 @@ def test_exec_binding_matches_plan(boot, case):
     assert_bound_as_planned(boot.ok_json(f"exec-{case}"), cpus=cpus, policy=memory, nodes=nodes)
 
 
-@pytest.mark.skipif(bool(EXEC_MISSING), reason=str(EXEC_MISSING))
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_exec_places_pages_on_the_planned_nodes(boot, case):
     """The 256 MiB, touched from CPU 0 on the other socket, land where the policy says:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.vm.conftest import boot_checks, cli, project_has, py
+from tests.vm.conftest import boot_checks, cli, py
 from tests.vm.expect import (
     assert_bound_as_planned,
     assert_discovered_matches,
@@ -22,8 +22,6 @@ LAYOUT = TWO_NODES
 MIB = 256  # allocated and touched by every placement check
 POLICIES = ["preferred", "bind", "interleave", "local", "none"]
 NODE_POLICIES = ("preferred", "bind", "interleave")
-EXEC_MISSING = project_has("composer_numa.trampoline")
-BIND_MISSING = project_has("composer_numa.bind")
 
 
 def _checks() -> dict:
@@ -35,15 +33,13 @@ def _checks() -> dict:
         "numactl-membind1": ["numactl", "--membind=1", "--", *py("alloc.py", str(MIB))],
         "numactl-interleave": ["numactl", "--interleave=0,1", "--", *py("alloc.py", str(MIB))],
     }
-    if not EXEC_MISSING:
-        for pol in POLICIES:
-            # Policies with nodes: first touch from node 0's CPU, so only the policy can put
-            # the pages on node 1. local / none: from the rank's own CPU on node 1.
-            remote = ["--touch-from-cpu", "0"] if pol in NODE_POLICIES else []
-            checks[f"exec-{pol}"] = [*cli(), "exec", "--memory", pol, "--",
-                                     *py("alloc.py", str(MIB), *remote)]
-    if not BIND_MISSING:
-        checks["migrate"] = ["numactl", "--membind=0", "--", *py("migrate.py", str(MIB))]
+    for pol in POLICIES:
+        # Policies with nodes: first touch from node 0's CPU, so only the policy can put
+        # the pages on node 1. local / none: from the rank's own CPU on node 1.
+        remote = ["--touch-from-cpu", "0"] if pol in NODE_POLICIES else []
+        checks[f"exec-{pol}"] = [*cli(), "exec", "--memory", pol, "--",
+                                 *py("alloc.py", str(MIB), *remote)]
+    checks["migrate"] = ["numactl", "--membind=0", "--", *py("migrate.py", str(MIB))]
     return checks
 
 
@@ -94,7 +90,6 @@ def test_numactl_interleave_spreads_evenly(boot):
     print(f"[locality] {LAYOUT.name} numactl --interleave=0,1: {shares}")
 
 
-@pytest.mark.skipif(bool(EXEC_MISSING), reason=str(EXEC_MISSING))
 @pytest.mark.parametrize("policy", POLICIES)
 def test_exec_binding_matches_plan(boot, policy):
     """``composer-numa exec --memory POLICY`` binds rank 0 to its GPU's node 1: the exec'd
@@ -104,7 +99,6 @@ def test_exec_binding_matches_plan(boot, policy):
     assert_bound_as_planned(out, cpus=[1], policy=policy, nodes=nodes)
 
 
-@pytest.mark.skipif(bool(EXEC_MISSING), reason=str(EXEC_MISSING))
 @pytest.mark.parametrize("policy", POLICIES)
 def test_exec_places_pages_on_the_planned_node(boot, policy):
     """>= 95 % of the 256 MiB the exec'd process touched are on node 1 - for preferred,
@@ -115,7 +109,6 @@ def test_exec_places_pages_on_the_planned_node(boot, policy):
           f"{out['touched_from']}): {frac:.4f} on node 1")
 
 
-@pytest.mark.skipif(bool(BIND_MISSING), reason=str(BIND_MISSING))
 def test_late_binding_migrates_pages(boot):
     """Pages first touched on node 0 are on node 1 after an in-process bind with migrate."""
     out = boot.ok_json("migrate")

@@ -26,8 +26,8 @@ def main() -> None:
     before = mapping_numa(address)["pages"]
 
     from composer_numa import bind
+    from composer_numa.machine.sysfs import discover
     from composer_numa.plan import PlanOptions, plan
-    from composer_numa.topology import discover
 
     # (numactl's bind does not narrow Cpus_allowed/Mems_allowed, which the planner honours)
     rank_plan = plan(discover(), PlanOptions(nproc=1)).ranks[0]

@@ -2,7 +2,7 @@
 real multi-node kernel. Prints one JSON line.
 
 Page placement is read back with this script's own numa_maps parser, not with
-composer_numa.memory.nodes_of, so that it checks the extension rather than agreeing with it.
+composer_numa.offload.memory.nodes_of, so that it checks the extension rather than agreeing with it.
 
 Usage: node_buffers.py MIB   (MIB: size of each placed buffer)
 """

@@ -2,7 +2,7 @@
 
 Prints one JSON line with ``raw`` (read here from sysfs/procfs with code of its own, so the
 rig itself is checked against the layout QEMU was given) and ``discover`` (what
-``composer_numa.topology.discover()`` returned, or the error it raised).
+``composer_numa.machine.topology.discover()`` returned, or the error it raised).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def raw() -> dict:
 
 
 def discovered() -> dict:
-    from composer_numa.topology import discover
+    from composer_numa.machine.sysfs import discover
 
     t = discover()
     return {

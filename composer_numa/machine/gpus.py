@@ -1,0 +1,151 @@
+"""Which GPUs this process sees, in the order CUDA/HIP numbers them.
+
+Physical GPUs are counted in PCI bus order; ``CUDA_VISIBLE_DEVICES`` (or
+``HIP_VISIBLE_DEVICES`` / ``ROCR_VISIBLE_DEVICES``) selects and reorders them.
+On a live machine NVML resolves ``GPU-``/``MIG-`` UUIDs, and an already
+initialised torch.cuda gives the exact ordinal -> PCI mapping.
+``COMPOSER_NUMA_GPUS`` (PCI addresses) overrides everything.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Mapping, Sequence
+
+from composer_numa.diagnostics import GPU_UUID_UNRESOLVED, Diagnostic
+
+__all__ = ["normalize_pci", "visible_order", "nvml_bus_ids_by_uuid", "torch_cuda_bus_ids"]
+
+_PCI = re.compile(
+    r"(?:(?P<domain>[0-9a-fA-F]{1,8}):)?(?P<bus>[0-9a-fA-F]{1,2}):(?P<dev>[0-9a-fA-F]{1,2})\.(?P<fn>[0-7])"
+)
+
+
+def normalize_pci(address: str) -> str:
+    """Normalise a PCI address to lowercase ``dddd:bb:dd.f``.
+
+    nvidia-smi prints an 8-digit domain (``00000000:C1:00.0``), sysfs a 4-digit one.
+
+    Raises:
+        ValueError: the text is not a PCI address.
+    """
+    m = _PCI.fullmatch(address.strip())
+    if m is None:
+        raise ValueError(f"not a PCI address: {address!r} (expected dddd:bb:dd.f)")
+    domain = int(m.group("domain") or "0", 16)
+    return f"{domain:04x}:{int(m.group('bus'), 16):02x}:{int(m.group('dev'), 16):02x}.{m.group('fn')}"
+
+
+def visible_order(
+    physical: Sequence[str],
+    env: Mapping[str, str],
+    variables: Sequence[str],
+    uuid_to_bus: Mapping[str, str] | None,
+) -> tuple[list[str | None], list[Diagnostic]]:
+    """Apply a visible-devices variable to the PCI-ordered list of physical GPUs.
+
+    Args:
+        physical: normalised PCI addresses in bus order.
+        env: the environment.
+        variables: the variables to honour, first set one wins.
+        uuid_to_bus: NVML's UUID -> PCI address map, or None when NVML is unavailable.
+
+    Returns:
+        The PCI address of each visible ordinal (None where a UUID could not be
+        resolved) and any warnings. Like CUDA, parsing stops at the first entry
+        that names no device or repeats one.
+    """
+    value = next((env[v] for v in variables if v in env), None)
+    if value is None:
+        return list(physical), []
+    out: list[str | None] = []
+    diags: list[Diagnostic] = []
+    seen: set[int] = set()
+    for raw in value.split(","):
+        item = raw.strip()
+        if not item:
+            break
+        if item.isascii() and item.isdigit():
+            digits = item.lstrip("0") or "0"
+            i = int(digits) if len(digits) <= 6 else len(physical)
+            if i >= len(physical) or i in seen:
+                break  # CUDA stops at the first index that names no (new) device
+            seen.add(i)
+            out.append(physical[i])
+        elif item.upper().startswith(("GPU-", "MIG-")):
+            bus = None
+            if uuid_to_bus is not None:
+                bus = uuid_to_bus.get(item) or next(
+                    (b for u, b in uuid_to_bus.items() if u.startswith(item)), None
+                )
+            if bus is None:
+                diags.append(Diagnostic(
+                    GPU_UUID_UNRESOLVED,
+                    f"visible device {item[:48]!r} is a UUID that could not be resolved to a PCI "
+                    "address (NVML unavailable or unknown UUID); its NUMA node is unknown",
+                ))
+            out.append(bus)
+        else:
+            break
+    return out, diags
+
+
+def nvml_bus_ids_by_uuid() -> dict[str, str] | None:
+    """UUID (GPU and MIG) -> normalised PCI address from NVML; None when NVML is unusable."""
+    try:
+        import pynvml
+    except Exception:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    out: dict[str, str] = {}
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            bus = normalize_pci(_text(pynvml.nvmlDeviceGetPciInfo(h).busId))
+            out[_text(pynvml.nvmlDeviceGetUUID(h))] = bus
+            try:
+                n_mig = pynvml.nvmlDeviceGetMaxMigDeviceCount(h)
+            except Exception:
+                n_mig = 0
+            for j in range(n_mig):
+                try:
+                    mh = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(h, j)
+                    out[_text(pynvml.nvmlDeviceGetUUID(mh))] = bus
+                except Exception:
+                    continue
+    except Exception:
+        return out or None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return out
+
+
+def torch_cuda_bus_ids() -> list[str] | None:
+    """Ordinal -> PCI address from torch.cuda, only if the program already initialised it.
+
+    Never imports torch and never initialises CUDA itself.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        if not torch.cuda.is_initialized():
+            return None
+        out = []
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            out.append(f"{p.pci_domain_id:04x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0")
+        return out
+    except Exception:
+        return None
+
+
+def _text(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
