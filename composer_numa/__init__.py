@@ -7,10 +7,10 @@ name that needs them (``NumaAffinity``, ``NumaAdamW``, ``NumaExperts``) is used.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 from composer_numa._version import __version__
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs every rank's start
 if TYPE_CHECKING:  # pragma: no cover
     from composer_numa.binding.session import bind_rank
     from composer_numa.composer.callback import NumaAffinity
@@ -50,7 +50,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'composer_numa' has no attribute {name!r}")

@@ -31,6 +31,9 @@ allowed (``Mems_allowed``) and have memory: a memory-less home uses the nearest
 node with memory. ``memory_target="hbm"`` puts the policy on the CPU-less memory
 nodes attached to the rank's nodes instead (HBM in flat mode, CXL expanders,
 Grace's GPU memory), warning ``memory-target-unavailable`` when there are none.
+Where a GPU's own memory is such a node (``Gpu.memory_node``: GH200, GB200), a
+rank uses its own GPU's memory node and never another GPU's, with
+``memory-target-gpu-memory`` saying that host pages then take GPU memory.
 With a ``memory_need`` per rank larger than what the target nodes have
 available (free + reclaimable page cache, see
 :mod:`composer_numa.machine.capacity`; ranks sharing nodes add up), ``bind``
@@ -58,6 +61,7 @@ from enum import Enum
 from composer_numa.diagnostics import (
     CPUSET_EXCLUDES_GPU_NODE,
     GPU_NUMA_UNKNOWN,
+    MEMORY_TARGET_GPU_MEMORY,
     MEMORY_TARGET_UNAVAILABLE,
     MORE_RANKS_THAN_GPUS,
     NODE_MEMORY_INSUFFICIENT,
@@ -602,6 +606,8 @@ def _memory(
 
     hbm = opts.memory_target is MemoryTarget.HBM and opts.memory is not MemoryPolicy.LOCAL
     missing_hbm: list[int] = []
+    on_gpu_memory: list[tuple[int, int, int]] = []  # (rank, GPU, node): host pages in a GPU's own memory
+    gpu_memory = {g.memory_node: g.index for g in view.topo.gpus if g.memory_node is not None}
     for r, (gpu, home) in enumerate(homes):
         if home is None:
             continue  # unknown GPU node: already warned, no policy
@@ -627,7 +633,13 @@ def _memory(
             wanted = (first,)
         near = first
         if hbm:
-            attached = view.attached_memory(numa_nodes[r] if spread else (home,))
+            own = gpu.memory_node if gpu is not None else None
+            if own is not None and own in view.mem_nodes:
+                attached: tuple[int, ...] = (own,)  # its GPU's own memory, never a neighbour's
+            else:
+                attached = tuple(x for x in view.attached_memory(numa_nodes[r] if spread else (home,))
+                                 if x not in gpu_memory)
+            on_gpu_memory += [(r, gpu_memory[x], x) for x in attached if x in gpu_memory]
             if attached:
                 wanted = attached
                 near = min(attached, key=lambda x: (view.dist(home, x), x))
@@ -646,6 +658,16 @@ def _memory(
             f"memory target hbm: the nodes of rank{'s' if len(missing_hbm) > 1 else ''} "
             f"{_ranks(missing_hbm)} have no CPU-less memory node attached (HBM, CXL or GPU memory)",
             "their policy uses their own nodes' memory",
+        ))
+    if on_gpu_memory:
+        where = ", ".join(f"rank {r} on node {x} (GPU {g})" for r, g, x in on_gpu_memory[:8])
+        more = f" and {len(on_gpu_memory) - 8} more" if len(on_gpu_memory) > 8 else ""
+        diags.append(Diagnostic(
+            MEMORY_TARGET_GPU_MEMORY,
+            f"memory target hbm: the CPU-less memory nodes here are GPU memory, so host memory goes to "
+            f"each rank's own GPU: {where}{more}",
+            "those pages take memory the GPU's CUDA allocations also need and CPU threads reach them "
+            "over the CPU-GPU link; use memory target local to keep host memory in the CPU node's memory",
         ))
 
     need = opts.memory_need

@@ -111,8 +111,8 @@ def parse_size(text: str | int) -> int:
 def format_size(n: int) -> str:
     """Format bytes with a binary unit: ``format_size(3 << 30) == "3.0 GiB"``."""
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if abs(value) < 1024 or unit == "EiB":
             return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")

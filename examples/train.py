@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -105,6 +106,9 @@ def make_optimizer(name: str, model):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # composer-numa's INFO lines (rank 0's table of every rank's binding) on stderr
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("composer_numa").setLevel(logging.INFO)
     import torch
     from composer import Trainer
     from composer.loggers import InMemoryLogger
@@ -116,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     if device == "auto":
         device = "gpu" if torch.cuda.is_available() else "cpu"
 
+    # Bind before the model and the data exist, so their memory is allocated on the rank's node.
+    callbacks = numa_callbacks(args.callback, args)
+    for callback in callbacks:
+        callback.bind()
     torch.manual_seed(args.seed)
     features, classes = 16, 4
     x = torch.randn(args.batch_size * args.steps * 4, features)
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizers=make_optimizer(args.optimizer, model),
         max_duration=f"{args.steps}ba",
         device=device,
-        callbacks=numa_callbacks(args.callback, args),
+        callbacks=callbacks,
         loggers=[numa_log],
         progress_bar=False,
         log_to_console=False,
@@ -158,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         numa={k: v for k, v in numa_log.hyperparameters.items() if k.startswith("numa/")},
         numa_metrics={k: v for k, v in numa_log.most_recent_values.items() if k.startswith("numa/")},
     )
+    bindings = next((c.bindings for c in callbacks if getattr(c, "bindings", None) is not None), None)
+    if bindings is not None:  # rank 0 of a job of several ranks: every rank's binding
+        from composer_numa.report import merge
+
+        report["numa_table"] = merge.to_json(bindings)
     line = json.dumps(report, sort_keys=True)
     print(f"composer-numa-example {line}", flush=True)
     if args.report_dir:

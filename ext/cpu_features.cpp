@@ -55,9 +55,10 @@ std::string simd_level() {
   if (f.avx512f && f.avx512bw && f.avx512vl && f.fma) best = "avx512";
   const char* cap = std::getenv("COMPOSER_NUMA_SIMD");
   if (cap == nullptr || *cap == '\0') return best;
-  auto rank = [](const std::string& s) { return s == "avx512" ? 2 : s == "avx2" ? 1 : 0; };
+  auto rank = [](const std::string& s) { return s == "avx512" ? 2 : s == "avx2" ? 1 : s == "scalar" ? 0 : -1; };
   const std::string want(cap);
-  return rank(want) < rank(best) ? (rank(want) == 0 ? "scalar" : want) : best;
+  if (rank(want) < 0) return best;  // not a level: ignored (Python warns setting-ignored once)
+  return rank(want) < rank(best) ? want : best;
 }
 
 }  // namespace cnuma

@@ -1,6 +1,14 @@
-"""Fixtures shared by every test: warnings reported afresh, recorded machines built on demand."""
+"""Fixtures shared by every test: warnings reported afresh, recorded machines built on demand.
+
+A plain ``pytest`` is the fast suite: the QEMU tests (marker ``vm``, ~20 minutes) run only when
+asked for, by naming them (``pytest tests/vm``, ``pytest tests/vm/test_vm_snc.py``), by a marker
+expression that mentions them (``pytest -m vm``), or with ``COMPOSER_NUMA_VM=1``.
+"""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +36,48 @@ def tree(tmp_path):
         return build_tree(tmp_path / f"tree{count}", SPECS[spec] if isinstance(spec, str) else spec)
 
     return build
+
+
+_VM_DIR = Path(__file__).resolve().parent / "vm"
+
+
+def _vm_asked_for(config: pytest.Config) -> bool:
+    if os.environ.get("COMPOSER_NUMA_VM", "").strip().lower() in ("1", "yes", "true", "on"):
+        return True
+    if "vm" in (config.getoption("markexpr", "") or ""):
+        return True  # -m vm, -m "vm and slow", or -m "not vm" (which deselects them itself)
+    for arg in config.args:
+        path = Path(config.invocation_params.dir, arg.split("::")[0]).resolve()
+        if path == _VM_DIR or _VM_DIR in path.parents:
+            return True
+    return False
+
+
+@pytest.hookimpl(trylast=True)  # after tests/vm/conftest.py has marked its tests
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _vm_asked_for(config):
+        return
+    vm = [item for item in items if item.get_closest_marker("vm") is not None]
+    if vm:
+        config.hook.pytest_deselected(items=vm)
+        items[:] = [item for item in items if item.get_closest_marker("vm") is None]
+        config.stash[_VM_LEFT_OUT] = len(vm)
+
+
+_VM_LEFT_OUT = pytest.StashKey[int]()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.cuda`` tests skip, saying why, where torch sees no CUDA device (torch is
+    imported only for them)."""
+    if item.get_closest_marker("cuda") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device (torch.cuda.is_available() is False); tests/cuda_checks.sh runs these")
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    left_out = config.stash.get(_VM_LEFT_OUT, 0)
+    if left_out:
+        terminalreporter.write_line(f"{left_out} VM tests (QEMU guests) not run: `pytest -m vm` runs them")

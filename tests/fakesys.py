@@ -7,6 +7,10 @@ A spec is a dict::
             {"cpus": "0-15,64-79",        # cpulist ("" for a CPU-less node)
              "mem_gib": 256,              # MemTotal (0 = memory-less)
              "free_gib": 200,             # MemFree (default: 90 % of total)
+             "cache_gib": 30,             # clean page cache (Active/Inactive(file)), default 0
+             "dirty_gib": 1,              # of which dirty (not reclaimable at once), default 0
+             "slab_gib": 2,               # SReclaimable, default 0
+             "low_gib": 0.5,              # low watermark in /proc/zoneinfo, default 0 (no zoneinfo)
              "socket": 0,                 # default: spread evenly over "sockets"
              "l3": ["0-7,64-71", "8-15,72-79"]},   # default: one L3 per node
         ],
@@ -21,6 +25,7 @@ A spec is a dict::
         "cpus_allowed": "0-3",            # /proc/self/status (default: all)
         "mems_allowed": "0",              # default: all nodes
         "numa_balancing": 0,              # default 0; None = file absent
+        "cgroup": {"version": 2, "limit_gib": 16, "usage_gib": 10, "file_gib": 4},  # memory cgroup
     }
 
 ``build_tree(tmp_path, spec)`` writes ``tmp_path/sys`` and ``tmp_path/proc`` and
@@ -69,9 +74,17 @@ def build_tree(tmp_path: Path, spec: dict) -> tuple[str, str]:
         _w(d / "cpulist", format_cpulist(node_cpus[i]))
         total = int(n.get("mem_gib", 0) * GIB)
         free = int(n.get("free_gib", n.get("mem_gib", 0) * 0.9) * GIB)
+        cache, dirty = int(n.get("cache_gib", 0) * GIB), int(n.get("dirty_gib", 0) * GIB)
+        slab = int(n.get("slab_gib", 0) * GIB)
         _w(d / "meminfo", f"Node {i} MemTotal:       {total // 1024} kB\n"
                           f"Node {i} MemFree:        {free // 1024} kB\n"
-                          f"Node {i} MemUsed:        {(total - free) // 1024} kB\n")
+                          f"Node {i} MemUsed:        {(total - free) // 1024} kB\n"
+                          f"Node {i} Active(file):   {cache // 2048} kB\n"
+                          f"Node {i} Inactive(file): {(cache - cache // 2) // 1024} kB\n"
+                          f"Node {i} Dirty:          {dirty // 1024} kB\n"
+                          f"Node {i} Writeback:      0 kB\n"
+                          f"Node {i} FilePages:      {cache // 1024} kB\n"
+                          f"Node {i} SReclaimable:   {slab // 1024} kB\n")
         if dist is not None:
             row = dist[i]
         else:
@@ -99,6 +112,7 @@ def build_tree(tmp_path: Path, spec: dict) -> tuple[str, str]:
         sock = sockets[node_of[c]]
         core_id = per_socket_core.setdefault((sock, first), len([k for k in per_socket_core if k[0] == sock]))
         d = cdir / f"cpu{c}"
+        (d / f"node{node_of[c]}").mkdir(parents=True, exist_ok=True)  # sysfs links cpuN/nodeM
         _w(d / "topology/physical_package_id", str(sock))
         _w(d / "topology/core_id", str(core_id))
         _w(d / "topology/thread_siblings_list", format_cpulist(sib))
@@ -139,6 +153,27 @@ def build_tree(tmp_path: Path, spec: dict) -> tuple[str, str]:
     mems = spec.get("mems_allowed", ids)
     _w(proc_root / "self/status", f"Name:\tpython3\nPid:\t4242\nCpus_allowed_list:\t{allowed}\n"
                                    f"Mems_allowed_list:\t{mems}\n")
+    zones = [(i, n["low_gib"]) for i, n in enumerate(nodes) if "low_gib" in n]
+    if zones:
+        _w(proc_root / "zoneinfo", "".join(
+            f"Node {i}, zone   Normal\n  pages free     1000\n        min      10\n"
+            f"        low      {int(low * GIB) // 4096}\n        high     {int(low * GIB) // 2048}\n"
+            for i, low in zones))
+    cg = spec.get("cgroup")
+    if cg is not None:
+        limit, usage, file = (int(cg.get(k, 0) * GIB) for k in ("limit_gib", "usage_gib", "file_gib"))
+        if cg.get("version", 2) == 2:
+            _w(proc_root / "self/cgroup", "0::/job\n")
+            base = sys_root / "fs/cgroup/job"
+            _w(base / "memory.max", str(limit) if limit else "max")
+            _w(base / "memory.current", str(usage))
+            _w(base / "memory.stat", f"anon {usage - file}\nfile {file}\nfile_dirty 0\nfile_writeback 0\n")
+        else:
+            _w(proc_root / "self/cgroup", "4:memory:/job\n0::/\n")
+            base = sys_root / "fs/cgroup/memory/job"
+            _w(base / "memory.limit_in_bytes", str(limit or 9223372036854771712))
+            _w(base / "memory.usage_in_bytes", str(usage))
+            _w(base / "memory.stat", f"cache {file}\nrss {usage - file}\ntotal_cache {file}\n")
     nb = spec.get("numa_balancing", 0)
     if nb is not None:
         _w(proc_root / "sys/kernel/numa_balancing", str(nb))

@@ -1,8 +1,9 @@
 """Machine specs for tests/fakesys.build_tree.
 
 The first three follow published machines (their numbers are transcribed from
-the records in the project's shared/topologies); the rest are the corner cases
-the planner and discovery must handle.
+the records in the project's shared/topologies), and so do ``gh200`` and
+``gb200-tray`` (from the published listings named above each); the rest are
+the corner cases the planner and discovery must handle.
 """
 
 from __future__ import annotations
@@ -78,6 +79,42 @@ SPECS: dict[str, dict] = {
         "gpus": [{"pci": "0001:00:00.0", "node": 0}, {"pci": "0002:00:00.0", "node": 0},
                  {"pci": "0003:00:00.0", "node": 1}, {"pci": "0004:00:00.0", "node": 1}],
         "nics": [{"pci": "0101:00:00.0", "node": 0}, {"pci": "0103:00:00.0", "node": 1}],
+    },
+    # GH200 (one Grace CPU + one H100 over NVLink-C2C), as `numactl --hardware` lists it once the
+    # driver has onlined the GPU's memory (quoted in the Linux commit "mm/fake-numa: allow later numa
+    # node hotplug", NVIDIA, 2025): node 0 = 72 Grace cores (no SMT) and 490037 MB of LPDDR5X, node 1 =
+    # no CPUs and 97280 MB (the GPU's HBM3), nodes 2-8 = no CPUs and no memory (reserved for MIG
+    # partitions of the GPU memory). Distances: 80 from node 0 to every other node, 255 between the
+    # CPU-less nodes. The GPU is 0009:01:00.0 (device 0x2342) with CPU affinity 0-71, NUMA affinity 0
+    # (`nvidia-smi topo -m`), so sysfs puts it on node 0; its memory is node 1.
+    "gh200": {
+        "nodes": [{"cpus": "0-71", "mem_gib": 490037 / 1024}, {"cpus": "", "mem_gib": 97280 / 1024}]
+                 + [{"cpus": "", "mem_gib": 0} for _ in range(7)],
+        "distances": [[10] + [80] * 8] + [[80] + [10 if i == j else 255 for j in range(1, 9)] for i in range(1, 9)],
+        "gpus": [{"pci": "0009:01:00.0", "node": 0, "device": 0x2342}],
+    },
+    # A GB200 compute tray: 2 Grace CPUs (72 cores each) and 4 B200 GPUs, two per Grace, each GPU's
+    # memory a CPU-less node followed by 7 empty MIG nodes. From `nvidia-smi topo -m` on such a tray
+    # (sglang issue 11208): GPU0/GPU1 CPU affinity 0-71, NUMA affinity "0,3-9,11-17", GPU NUMA ID 2 and
+    # 10; GPU2/GPU3 CPU affinity 72-143, GPU NUMA ID 18 and 26 (vLLM PR 39361 names the same memory-only
+    # nodes 2, 10, 18, 26), so 34 nodes. PCI addresses 0008:01:00.0, 0009:01:00.0, 0018:01:00.0,
+    # 0019:01:00.0, device 0x2941, 189471 MiB each (nvidia-smi on GB200 trays); 480 GiB of LPDDR5X per
+    # Grace. No GB200 distance matrix was found published: distances follow the 4x GH200 `numactl -H`
+    # (numactl issue 224): a Grace to its own GPUs' nodes 80, to the other GPUs' nodes 120, Grace to
+    # Grace 40, between CPU-less nodes 255.
+    "gb200-tray": {
+        "sockets": 2,
+        "nodes": [{"cpus": "0-71", "mem_gib": 480}, {"cpus": "72-143", "mem_gib": 480}]
+                 + [{"cpus": "", "mem_gib": 189471 / 1024 if (i - 2) % 8 == 0 else 0} for i in range(2, 34)],
+        "distances": [
+            [10 if i == j else 40 if j < 2 else 80 if (j - 2) // 16 == i else 120 for j in range(34)]
+            if i < 2 else
+            [(80 if (i - 2) // 16 == j else 120) if j < 2 else 10 if i == j else 255 for j in range(34)]
+            for i in range(34)
+        ],
+        "gpus": [{"pci": pci, "node": node, "device": 0x2941}
+                 for pci, node in (("0008:01:00.0", 0), ("0009:01:00.0", 0), ("0018:01:00.0", 1),
+                                   ("0019:01:00.0", 1))],
     },
     # Grace-Hopper-like: node 0 has the CPUs, node 1 is the GPU's HBM (CPU-less), nodes 2-3 empty.
     "grace-hopper": {

@@ -602,3 +602,44 @@ def test_exclusive_ranks_never_overlap(topo, nproc):
     for r in p.ranks:
         for c in r.cpus:
             assert set(by_id[c].siblings) & allowed <= set(r.cpus)
+
+
+# --- memory target: HBM / CXL nodes next to the rank's CPUs ---------------------------------
+
+
+def _xeon_max_flat():
+    """2 sockets x 2 SNC nodes with DDR and CPUs; each has a CPU-less HBM node (flat mode)."""
+    return make_topology(sockets=2, nodes_per_socket=2, cores_per_node=4, gpus=[0, 1, 2, 3],
+                         memory_nodes=[(0, 16 * GiB), (1, 16 * GiB), (2, 16 * GiB), (3, 16 * GiB)])
+
+
+def test_hbm_target_prefers_the_cpu_less_node_attached_to_the_rank():
+    topo = _xeon_max_flat()
+    p = run(topo, nproc=4, memory="preferred", memory_target="hbm")
+    assert [r.memory_nodes for r in p.ranks] == [(4,), (5,), (6,), (7,)]
+    assert [r.cpus for r in p.ranks] == [r.cpus for r in run(topo, nproc=4).ranks]  # CPUs unchanged
+    assert p.warnings[1:] == () and codes(p) == ["sub-numa-clustering"]
+    bind = run(topo, nproc=4, memory="bind", memory_target="hbm", memory_need=8 * GiB)
+    assert [r.memory_policy for r in bind.ranks] == [MemoryPolicy.BIND] * 4
+    over = run(topo, nproc=4, memory="bind", memory_target="hbm", memory_need=20 * GiB)
+    assert [r.memory_policy for r in over.ranks] == [MemoryPolicy.PREFERRED] * 4
+    assert [r.memory_nodes for r in over.ranks] == [(4,), (5,), (6,), (7,)]  # still the HBM first
+    sock = run(topo, nproc=4, mode="socket", memory="interleave", memory_target="hbm")
+    assert [r.memory_nodes for r in sock.ranks] == [(4, 5), (4, 5), (6, 7), (6, 7)]
+
+
+def test_hbm_target_without_hbm_warns_and_uses_the_rank_s_own_memory():
+    topo = make_topology(sockets=2, gpus=[0, 1])
+    p = run(topo, nproc=2, memory_target="hbm")
+    assert [r.memory_nodes for r in p.ranks] == [(0,), (1,)]
+    (diag,) = p.warnings
+    assert diag.code == "memory-target-unavailable" and "ranks 0-1" in diag.message
+    assert run(topo, nproc=2, memory="local", memory_target="hbm").warnings == ()
+
+
+def test_report_names_the_cpu_node_a_memory_only_node_belongs_to():
+    from composer_numa.report import render_table
+
+    topo = _xeon_max_flat()
+    table = render_table(topo, run(topo, nproc=4))
+    assert "(none: memory only, near node 2)" in table

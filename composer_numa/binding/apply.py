@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import sys
 from collections.abc import MutableMapping
@@ -33,8 +32,6 @@ from composer_numa.plan import MemoryPolicy, RankPlan
 from composer_numa.units import format_cpulist
 
 __all__ = ["Applied", "THREAD_ENV", "PINNING_ENV", "apply", "pin_threads"]
-
-log = logging.getLogger(__name__)
 
 #: Thread-count variables set for what starts next (unless already set to a positive value).
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -327,6 +324,11 @@ def apply(rank_plan: RankPlan, *, strict: bool = False, migrate: bool = False,
         if strict:
             raise BindError(diag.message)
         emit(diag, stderr=stderr)
-    for note in notes:
-        log.info("local rank %d: %s", rank_plan.local_rank, note)
+    if notes:
+        # logging is imported only when there is something to log: exec starts every rank
+        import logging
+
+        log = logging.getLogger(__name__)
+        for note in notes:
+            log.info("local rank %d: %s", rank_plan.local_rank, note)
     return applied

@@ -12,15 +12,18 @@ Nothing here imports torch: loaders are handled by their attributes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
 from composer_numa.binding.apply import pin_threads
 from composer_numa.diagnostics import BIND_NOT_APPLIED, Diagnostic, emit
 from composer_numa.errors import BindError
+from composer_numa.machine.topology import Topology
+from composer_numa.plan import RankPlan
 from composer_numa.units import format_cpulist
 
-__all__ = ["WorkerAffinity", "install", "reserve_cores"]
+__all__ = ["WorkerAffinity", "install", "reserve_cores", "training_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -148,3 +151,26 @@ def install(loader: object, cpus: Sequence[int], *, strict: bool = False) -> int
     if pinned:
         log.info("pinned %d running DataLoader worker(s) to CPUs %s", pinned, _fmt(cpus))
     return pinned
+
+
+def training_plan(rank_plan: RankPlan, topology: Topology | None, count: int) -> tuple[RankPlan, str | None]:
+    """The training threads' binding once ``count`` worker cores are reserved for DataLoader workers:
+    ``rank_plan`` with fewer CPUs and proportionally fewer threads, or ``rank_plan`` and why not."""
+    if not count:
+        return rank_plan, None
+
+    def core_of(cpu: int) -> int:
+        try:
+            return topology.cpu(cpu).core_key if topology is not None else cpu
+        except KeyError:
+            return cpu
+
+    split = reserve_cores(rank_plan.cpus, core_of, count)
+    cores = len({core_of(c) for c in rank_plan.cpus})
+    if split is None:
+        return rank_plan, (f'worker_cores={count} cannot be reserved: local rank {rank_plan.local_rank} has '
+                           f'{cores} physical core(s) (CPUs {format_cpulist(rank_plan.cpus)}) and its training '
+                           'threads need at least one')
+    train, _ = split
+    threads = max(1, rank_plan.num_threads * len({core_of(c) for c in train}) // cores)
+    return dataclasses.replace(rank_plan, cpus=train, num_threads=threads), None

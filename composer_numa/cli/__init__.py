@@ -24,6 +24,7 @@ _SUBCOMMANDS = {
     "launch": "composer_numa.cli.launch",
     "check": "composer_numa.cli.check",
     "bench": "composer_numa.cli.bench",
+    "checkpoint": "composer_numa.cli.checkpoint",
 }
 
 

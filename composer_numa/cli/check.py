@@ -49,6 +49,15 @@ def _pid(text: str) -> int:
     return int(t)
 
 
+def _state(pid: int) -> str | None:
+    """The process state letter from ``/proc/<pid>/stat`` (``R``, ``S``, ``Z`` ...)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _environ_of(pid: int) -> dict[str, str]:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
@@ -78,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     pid = args.pid if args.pid is not None else os.getpid()
     if not os.path.isdir(f"/proc/{pid}"):
         raise ComposerNumaError(f"no process with pid {pid}")
+    if _state(pid) == "Z":
+        raise ComposerNumaError(f"process {pid} has exited (a zombie not yet reaped): it has no binding to check")
     environ = dict(os.environ) if pid == os.getpid() else _environ_of(pid)
     found = binding_from_env(environ)
     foreign = found is not None and not made_for(found[1], pid)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any
@@ -11,11 +10,12 @@ import torch
 from composer.core import Callback, Event, State, Time
 from composer.devices import DeviceCPU, DeviceGPU
 from composer.loggers import Logger
-from composer.utils import create_interval_scheduler
+from composer.utils import create_interval_scheduler, dist
 
 from composer_numa.binding import locality, workers
 from composer_numa.binding.session import Binding, bind_rank, inherited, reassert
 from composer_numa.binding.verify import current
+from composer_numa.composer import checkpoint, table
 from composer_numa.diagnostics import (
     BIND_NOT_APPLIED,
     BINDING_MISMATCH,
@@ -27,6 +27,7 @@ from composer_numa.diagnostics import (
 from composer_numa.errors import ComposerNumaError, PlanError
 from composer_numa.machine.sysfs import discover, read_numastat
 from composer_numa.plan import PlanOptions, RankPlan, normalise
+from composer_numa.report import merge
 from composer_numa.units import format_cpulist
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ class NumaAffinity(Callback):
     * ``torch.set_num_threads`` (and the inter-op thread count, while torch still allows it)
       to the planned count, unless ``OMP_NUM_THREADS`` is set or ``num_threads`` is given;
     * DataLoader workers inherit the binding; ``worker_cores=k`` reserves ``k`` of the rank's
-      physical cores for them and moves the training threads off those cores.
+      physical cores for them and moves the training threads off those cores;
+    * a checkpoint saved with ``torch.optim.AdamW`` resumes under ``NumaAdamW`` with its moments
+      and step counts, and the reverse (:mod:`composer_numa.composer.checkpoint`).
 
     It binds at :attr:`.Event.INIT`, the first event of a Trainer, for the device the Trainer
     uses (a GPU, or a CPU run). Pages allocated before that (the model) are migrated. For the
@@ -61,6 +64,9 @@ class NumaAffinity(Callback):
     names this process) was bound at birth: the callback verifies that binding, reserves
     worker cores, sets torch's threads and logs it; its own ``mode``/``memory`` options are
     then ignored with an ``options-ignored`` warning (give them to ``launch``/``exec``).
+
+    With several ranks, rank 0 logs every rank's binding in one table at fit start and warns about
+    hosts that differ (:mod:`composer_numa.composer.table`; it keeps the table as :attr:`bindings`).
 
     A binding that cannot be applied (no NUMA syscalls, a cpuset, a node too small for a strict
     ``bind``) never stops training: a warning with a stable code (``bind-not-applied``,
@@ -148,6 +154,8 @@ class NumaAffinity(Callback):
         log_locality (bool | int | str | Time, optional): Log the locality metrics: ``False``
             turns them off, ``True`` logs at fit start, every epoch end and fit end, an interval
             (an int is in epochs, or ``'100ba'``, ``'1ep'``) sets how often. Default: ``True``.
+        binding_table (bool, optional): With several ranks, gather every rank's binding at fit start
+            for rank 0's table (``bindings``: a :class:`~composer_numa.report.merge.Merged`). Default: ``True``.
     """
 
     def __init__(
@@ -162,6 +170,7 @@ class NumaAffinity(Callback):
         keep_pinned_threads: bool = True,
         strict: bool = False,
         log_locality: bool | int | str | Time = True,
+        binding_table: bool = True,
     ) -> None:
         given = {'mode': mode, 'memory': memory, 'memory_need': memory_need, 'memory_target': memory_target}
         self._explicit = {k for k, v in given.items() if v is not None}
@@ -196,6 +205,8 @@ class NumaAffinity(Callback):
         self._numastat: dict[int, dict[str, int]] | None = None
         self._locality_batch: int | None = None
         self._locality_unreadable = False
+        self.binding_table = bool(binding_table)
+        self.bindings: merge.Merged | None = None
 
     # -- binding -----------------------------------------------------------------------------
 
@@ -223,6 +234,8 @@ class NumaAffinity(Callback):
             binding = self._adopt(*found)
         else:
             binding = self._bind(device, found[1] if found is not None else None)
+        if device == 'auto' and binding.rank_plan is not None:  # remember what 'auto' turned out to be
+            device = 'cpu' if binding.rank_plan.gpu is None else binding.rank_plan.gpu
         self._binding, self._device = binding, device
         self._codes |= set(binding.codes)
         self._numastat = read_numastat()
@@ -271,7 +284,7 @@ class NumaAffinity(Callback):
 
     def _reserve_worker_cores(self, rank_plan: RankPlan, topology: Any) -> RankPlan:
         """The training threads' binding: ``rank_plan`` without the cores reserved for DataLoader workers."""
-        training, problem = _split_workers(rank_plan, topology, self.worker_cores)
+        training, problem = workers.training_plan(rank_plan, topology, self.worker_cores)
         self._worker_cpus = tuple(sorted(set(rank_plan.cpus) - set(training.cpus)))
         if problem is not None:
             if self.strict:
@@ -303,9 +316,17 @@ class NumaAffinity(Callback):
         self.bind(_device_of(state))
         logger.log_hyperparameters(self._hyperparameters())
 
+    def before_load(self, state: State, logger: Logger) -> None:
+        checkpoint.install(state)  # AdamW <-> NumaAdamW: rename the optimizer state on load
+
+    def after_load(self, state: State, logger: Logger) -> None:
+        checkpoint.uninstall(state)
+
     def fit_start(self, state: State, logger: Logger) -> None:
         self._pin_workers([state.dataloader, state.train_dataloader,
                            *(evaluator.dataloader for evaluator in state.evaluators)])
+        if self.binding_table and dist.is_initialized() and dist.get_world_size() > 1:
+            self.bindings = table.gather(self._binding, self._training, self._codes)
         if self._locality_due is not None:
             self._log_locality(state, logger)
 
@@ -402,28 +423,6 @@ def _is_count(value: Any, minimum: int) -> bool:
 
 def _value(option: Any) -> Any:
     return option.value if hasattr(option, 'value') else option
-
-
-def _split_workers(rank_plan: RankPlan, topology: Any, count: int) -> tuple[RankPlan, str | None]:
-    """The training threads' binding once ``count`` worker cores are reserved, or why that failed."""
-    if not count:
-        return rank_plan, None
-
-    def core_of(cpu: int) -> int:
-        try:
-            return topology.cpu(cpu).core_key if topology is not None else cpu
-        except KeyError:
-            return cpu
-
-    split = workers.reserve_cores(rank_plan.cpus, core_of, count)
-    cores = len({core_of(c) for c in rank_plan.cpus})
-    if split is None:
-        return rank_plan, (f'worker_cores={count} cannot be reserved: local rank {rank_plan.local_rank} has '
-                           f'{cores} physical core(s) (CPUs {format_cpulist(rank_plan.cpus)}) and its training '
-                           'threads need at least one')
-    train, _ = split
-    threads = max(1, rank_plan.num_threads * len({core_of(c) for c in train}) // cores)
-    return dataclasses.replace(rank_plan, cpus=train, num_threads=threads), None
 
 
 def _device_of(state: State) -> int | str:

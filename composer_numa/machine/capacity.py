@@ -22,7 +22,6 @@ lock file per node (and per cgroup), held until the pages are faulted in.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -152,6 +151,8 @@ def _lock_dir() -> str:
 
 
 def _cgroup_key(proc_root: str) -> str | None:
+    import hashlib  # only allocations lock; discovery (every rank's start) does not pay for it
+
     text = read_optional(os.path.join(proc_root, "self/cgroup")) or ""
     memory = [ln for ln in text.splitlines() if ":memory:" in ln or ln.startswith("0::")]
     if not memory:

@@ -5,6 +5,9 @@ Physical GPUs are counted in PCI bus order; ``CUDA_VISIBLE_DEVICES`` (or
 On a live machine NVML resolves ``GPU-``/``MIG-`` UUIDs, and an already
 initialised torch.cuda gives the exact ordinal -> PCI mapping.
 ``COMPOSER_NUMA_GPUS`` (PCI addresses) overrides everything.
+
+On Grace Hopper / Grace Blackwell the driver hands each GPU's memory to the
+kernel as a CPU-less NUMA node: :func:`memory_nodes` says which node is whose.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from collections.abc import Mapping, Sequence
 
 from composer_numa.diagnostics import GPU_UUID_UNRESOLVED, Diagnostic
 
-__all__ = ["normalize_pci", "visible_order", "nvml_bus_ids_by_uuid", "torch_cuda_bus_ids"]
+__all__ = ["normalize_pci", "visible_order", "nvml_bus_ids_by_uuid", "torch_cuda_bus_ids", "memory_nodes",
+           "nvml_memory_nodes"]
 
 _PCI = re.compile(
     r"(?:(?P<domain>[0-9a-fA-F]{1,8}):)?(?P<bus>[0-9a-fA-F]{1,2}):(?P<dev>[0-9a-fA-F]{1,2})\.(?P<fn>[0-7])"
@@ -125,6 +129,88 @@ def nvml_bus_ids_by_uuid() -> dict[str, str] | None:
         except Exception:
             pass
     return out
+
+
+def memory_nodes(
+    physical: Sequence[tuple[str, int | None]],
+    cpu_less: Mapping[int, int | None],
+    reported: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Which CPU-less memory node is each GPU's own memory (coherent GPUs: GH200, GB200).
+
+    Args:
+        physical: every physical GPU of the vendor as (PCI address, sysfs ``numa_node``),
+            in PCI order: all of them, not only the visible ones, since the pairing below
+            counts per CPU node.
+        cpu_less: each CPU-less node that has memory -> its nearest CPU node (None when none).
+        reported: PCI address -> node as the driver says (NVML's NUMA node id), when known.
+
+    Returns:
+        PCI address -> memory node, for the GPUs whose memory node is known. In order:
+        what the driver reports (when that is one of ``cpu_less``); a GPU whose sysfs node is
+        itself CPU-less memory; then, per CPU node, its GPUs in PCI order paired with the
+        CPU-less memory nodes nearest to it in id order, only when the two counts are equal
+        (one GH200: GPU 0009:01:00.0 with node 1; a GB200 tray: two GPUs and nodes 2 and 10
+        per Grace). Anything ambiguous (a CXL expander beside a GPU, counts that differ) stays
+        unknown rather than guessed.
+    """
+    out: dict[str, int] = {}
+    taken: set[int] = set()
+    for addr, node in (reported or {}).items():
+        if node in cpu_less and node not in taken:
+            out[addr] = node
+            taken.add(node)
+    for addr, node in physical:
+        if addr not in out and node in cpu_less and node not in taken:
+            out[addr] = node  # the firmware attached the device to its memory node
+            taken.add(node)
+    by_cpu: dict[int, tuple[list[str], list[int]]] = {}
+    for addr, node in physical:
+        if addr not in out and node is not None and node not in cpu_less:
+            by_cpu.setdefault(node, ([], []))[0].append(addr)
+    for mem, cpu in sorted(cpu_less.items()):
+        if mem not in taken and cpu in by_cpu:
+            by_cpu[cpu][1].append(mem)
+    for addrs, mems in by_cpu.values():
+        if addrs and len(addrs) == len(mems):
+            out.update(zip(addrs, mems, strict=True))
+    return out
+
+
+def nvml_memory_nodes() -> dict[str, int] | None:
+    """PCI address -> the NUMA node of the GPU's own memory, from NVML (``nvmlDeviceGetNumaNodeId``).
+
+    Only coherent platforms answer; None when NVML is unusable or answers for no GPU.
+    """
+    try:
+        import pynvml
+    except Exception:
+        return None
+    query = getattr(pynvml, "nvmlDeviceGetNumaNodeId", None)
+    if query is None:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    out: dict[str, int] = {}
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            try:
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                node = int(query(h))
+                if node >= 0:
+                    out[normalize_pci(_text(pynvml.nvmlDeviceGetPciInfo(h).busId))] = node
+            except Exception:
+                continue  # not supported on this GPU (discrete GPUs): nothing to report
+    except Exception:
+        pass
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return out or None
 
 
 def torch_cuda_bus_ids() -> list[str] | None:

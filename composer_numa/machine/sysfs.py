@@ -349,6 +349,7 @@ class _Reader:
         vendor = "nvidia" if any(x["vendor"] == 0x10DE for x in phys) else "amd"
         phys = [x for x in phys if _GPU_VENDORS[x["vendor"]] == vendor]
         visible = self._visible(phys, devices, vendor)
+        own_memory = self._gpu_memory(phys, nodes, vendor)
         gpu_list = []
         for index, addr in enumerate(visible):
             dev = devices.get(addr) if addr else None
@@ -361,7 +362,8 @@ class _Reader:
             model = read_optional(os.path.join(dev["dir"], "device")) if dev else None
             gpu_list.append(Gpu(index=index, pci_bus_id=addr,
                                 vendor=_GPU_VENDORS.get(dev["vendor"], "unknown") if dev else "unknown",
-                                numa_node=node, local_cpus=local, numa_unknown_reason=why, model=model))
+                                numa_node=node, local_cpus=local, numa_unknown_reason=why, model=model,
+                                memory_node=own_memory.get(addr) if addr else None))
         nics = []
         for dev in devices.values():
             kind = _NIC_CLASSES.get(dev["class"])
@@ -371,6 +373,27 @@ class _Reader:
                                 vendor=_VENDORS.get(dev["vendor"], f"{dev['vendor']:#06x}"),
                                 numa_node=node, local_cpus=local))
         return gpu_list, nics
+
+    def _gpu_memory(self, phys: list[dict], nodes: list[Node], vendor: str) -> dict[str, int]:
+        """PCI address -> the CPU-less node holding that GPU's memory (Grace Hopper / Blackwell)."""
+        if vendor != "nvidia" or not phys:
+            return {}
+        cpu_ids = [n.id for n in nodes if n.has_cpus]
+        ids = [n.id for n in nodes]
+
+        def nearest_cpu_node(n: Node) -> int | None:
+            if not cpu_ids:
+                return None
+            row = n.distances if len(n.distances) == len(ids) else ()
+            return min(cpu_ids, key=lambda c: (row[ids.index(c)] if row else 20, c))
+
+        cpu_less = {n.id: nearest_cpu_node(n) for n in nodes if not n.has_cpus and n.has_memory}
+        if not cpu_less:
+            return {}
+        physical = [(x["address"], read_int(os.path.join(x["dir"], "numa_node"))) for x in phys]
+        physical = [(a, n if n is not None and n >= 0 else None) for a, n in physical]
+        reported = gpus.nvml_memory_nodes() if self.live else None
+        return gpus.memory_nodes(physical, cpu_less, reported)
 
     def _visible(self, phys: list[dict], devices: dict[str, dict], vendor: str) -> list[str | None]:
         override = self.env.get("COMPOSER_NUMA_GPUS")

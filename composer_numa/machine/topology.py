@@ -88,6 +88,8 @@ class Gpu:
         local_cpus: sysfs ``local_cpulist`` of the device.
         numa_unknown_reason: why ``numa_node`` is None (what sysfs said), else None.
         model: the PCI device id (``0x2330``), when known.
+        memory_node: the CPU-less NUMA node that is this GPU's own memory, on machines whose
+            GPU memory the kernel manages as a node (Grace Hopper, Grace Blackwell); None elsewhere.
     """
 
     index: int
@@ -97,6 +99,7 @@ class Gpu:
     local_cpus: tuple[int, ...] = ()
     numa_unknown_reason: str | None = None
     model: str | None = None
+    memory_node: int | None = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,14 @@ Packed layout: every weight is stored in blocks of 16 output rows so that one
 parameters are therefore packed tensors (one ``w13`` and one ``w2`` per slice);
 use :meth:`NumaExperts.to_dense` / :meth:`NumaExperts.from_dense` to convert
 from and to the ``nn.Linear`` layout.
+
+Checkpoints do not depend on that layout: ``state_dict()`` holds the dense weights
+under the names ``transformers``' MoE experts use, ``gate_up_proj``
+``[E, 2 * intermediate, hidden]`` (gate rows, then up rows) and ``down_proj``
+``[E, hidden, intermediate]``, and ``load_state_dict`` packs them for the current
+machine's nodes and placement, so a checkpoint written on two nodes loads on one.
+:meth:`NumaExperts.from_hf` / :meth:`NumaExperts.to_hf` convert the expert modules
+of ``transformers`` models (Mixtral, Qwen2/3-MoE, DeepSeek-V3).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import torch
 from torch import nn
 
 from composer_numa.diagnostics import NODE_MEMORY_INSUFFICIENT, Diagnostic, emit
-from composer_numa.offload import memory
+from composer_numa.offload import hf, memory
 from composer_numa.offload.native import native
 from composer_numa.units import format_size
 
@@ -260,6 +268,11 @@ class NumaExperts(nn.Module):
                 self.register_parameter(f"w13_{p}", nn.Parameter(w13))
                 self.register_parameter(f"w2_{p}", nn.Parameter(w2))
                 self._num_param_slices += 1
+        # Empty buffers under the state-dict names (see _save_to_state_dict): torch's distributed
+        # checkpoint helpers, which Composer loads through, put DDP's "module." back on a saved key
+        # only when it names a parameter or a buffer. (register_buffer would read the properties.)
+        for name in self.STATE_KEYS:
+            self._buffers[name] = torch.empty(0, dtype=dtype)
         self._synced: tuple | None = None
         self._stale = False
         if init:
@@ -430,12 +443,107 @@ class NumaExperts(nn.Module):
         gate, up, down = (torch.stack([getattr(m, a).weight.detach() for m in experts]) for a in trio)
         return cls.from_dense(gate, up, down, **options)
 
+    @classmethod
+    def from_hf(cls, module: nn.Module, **options: Any) -> NumaExperts:
+        """Build from the experts of a ``transformers`` MoE block (Mixtral, Qwen2/3-MoE, DeepSeek-V3).
+
+        ``module`` is the block's ``experts``: the fused module of ``transformers`` 5
+        (``gate_up_proj``, ``down_proj``), whose place in the block the layer can take
+        (``block.experts = NumaExperts.from_hf(block.experts)``: same call signature), or the
+        ``ModuleList`` of expert MLPs of ``transformers`` 4. Only SwiGLU experts without biases
+        convert. ``options`` go to the constructor (``dtype`` defaults to the module's).
+        See :mod:`composer_numa.offload.hf`, whose ``replace_experts`` swaps every experts module
+        of a model.
+        """
+        return hf.from_hf(cls, module, **options)
+
+    def to_hf(self, module: nn.Module) -> nn.Module:
+        """Write this layer's weights into a ``transformers`` experts module of the same sizes (the
+        forms :meth:`from_hf` reads), in place and in that module's dtype; returns it."""
+        return hf.to_hf(self, module)
+
+    @torch.no_grad()
+    def load_dense(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Replace the weights with ``gate``, ``up`` ``[E, I, H]`` and ``down`` ``[E, H, I]``
+        (``nn.Linear`` layout), packed for this layer's nodes and placement."""
+        E, H, inter = self.num_experts, self.hidden, self.intermediate
+        for name, t, shape in (("gate", gate, (E, inter, H)), ("up", up, (E, inter, H)), ("down", down, (E, H, inter))):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"NumaExperts.load_dense: {name} must be {list(shape)}, got {got}")
+        for e in range(E):
+            self._load_expert(e, gate[e].detach().cpu(), up[e].detach().cpu(), down[e].detach().cpu())
+        self._mark_synced()
+
+    # ---------------------------------------------------------- state dict --
+
+    #: The names of the dense weights in :meth:`state_dict` (see :attr:`gate_up_proj`).
+    STATE_KEYS = ("gate_up_proj", "down_proj")
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        # Dense, layout-free weights instead of the packed, node-sliced parameters.
+        gate_up, down = self._dense(self._weight_pairs())
+        destination[prefix + "gate_up_proj"] = gate_up
+        destination[prefix + "down_proj"] = down
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        keys = {name: prefix + name if prefix + name in state_dict else None for name in self.STATE_KEYS}
+        packed = [name for name, _ in self.named_parameters(recurse=False)]
+        E, H, inter = self.num_experts, self.hidden, self.intermediate
+        if all(keys.values()):
+            gate_up, down = state_dict[keys["gate_up_proj"]], state_dict[keys["down_proj"]]
+            want = (("gate_up_proj", gate_up, (E, 2 * inter, H)), ("down_proj", down, (E, H, inter)))
+            bad = [f"size mismatch for {prefix}{name}: copying a param with shape {tuple(t.shape)} from checkpoint, "
+                   f"the shape in current model is {shape}"
+                   for name, t, shape in want if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape]
+            if bad:
+                error_msgs.extend(bad)
+            else:
+                self.load_dense(gate_up[:, :inter], gate_up[:, inter:], down)
+        elif all(prefix + name in state_dict for name in packed):
+            # the packed parameters an earlier version saved: loadable on the layout that wrote them only
+            with torch.no_grad():
+                for name, p in self.named_parameters(recurse=False):
+                    t = state_dict[prefix + name]
+                    if tuple(t.shape) != tuple(p.shape):
+                        error_msgs.append(f"{prefix}{name}: packed weights {tuple(t.shape)} from another node layout "
+                                          f"(here {tuple(p.shape)}); load them where they were saved and save again "
+                                          "to get the layout-free gate_up_proj / down_proj")
+                        return
+                for name, p in self.named_parameters(recurse=False):
+                    p.copy_(state_dict[prefix + name])
+            self._stale = True
+        else:
+            missing_keys.extend(prefix + name for name, key in keys.items() if key is None)
+        if strict:
+            known = set(self.STATE_KEYS) | set(packed)
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]
+                                   and k[len(prefix):] not in known)
+
     @torch.no_grad()
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The weights in ``nn.Linear`` layout: gate, up ``[E, I, H]`` and down ``[E, H, I]``."""
+        gate_up, down = self._dense(self._weight_pairs())
+        inter = self.intermediate
+        return gate_up[:, :inter].contiguous(), gate_up[:, inter:].contiguous(), down
+
+    def _weight_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         pairs = [(w13.detach(), w2.detach()) for w13, w2 in zip(self.w13, self.w2, strict=True)]
         # replicate: the parameters (first copy) are authoritative; the other copies may lag
-        return self._dense(pairs * len(self._slices) if self.placement == "replicate" else pairs)
+        return pairs * len(self._slices) if self.placement == "replicate" else pairs
+
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        """A dense copy of the gate and up weights, ``[E, 2 * intermediate, hidden]`` (gate rows
+        first), as ``transformers`` stores them; the name this layer's ``state_dict`` uses.
+        Changing the copy does not change the layer (use :meth:`load_dense`)."""
+        return self._dense(self._weight_pairs(), down=False)[0]
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        """A dense copy of the down weights, ``[E, hidden, intermediate]`` (see :attr:`gate_up_proj`)."""
+        return self._dense(self._weight_pairs(), gate_up=False)[1]
 
     @torch.no_grad()
     def dense_grads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -443,20 +551,30 @@ class NumaExperts(nn.Module):
         if any(p.grad is None for p in list(self.w13) + list(self.w2)):
             return None
         pairs = [(w13.grad, w2.grad) for w13, w2 in zip(self.w13, self.w2, strict=True)]
-        return self._dense(pairs * len(self._slices) if self.placement == "replicate" else pairs)
+        gate_up, down = self._dense(pairs * len(self._slices) if self.placement == "replicate" else pairs)
+        inter = self.intermediate
+        return gate_up[:, :inter].contiguous(), gate_up[:, inter:].contiguous(), down
 
-    def _dense(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    def _dense(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], *, gate_up: bool = True,
+               down: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Unpack ``(w13, w2)`` per slice into ``gate_up [E, 2I, H]`` and ``down [E, H, I]`` (either
+        may be skipped), each slice writing the rows it computes, padding left out."""
         E, H, inter = self.num_experts, self.hidden, self.intermediate
-        gate = torch.zeros(E, self.intermediate_padded, H, dtype=self.dtype)
-        up = torch.zeros_like(gate)
-        down = torch.zeros(E, H, self.intermediate_padded, dtype=self.dtype)
+        gu = torch.zeros(E, 2 * inter, H, dtype=self.dtype) if gate_up else None
+        dn = torch.zeros(E, H, inter, dtype=self.dtype) if down else None
         for s, (w13, w2) in zip(self._slices, pairs, strict=True):
-            a, b = s.lo + s.row0, s.lo + s.row1  # padded rows this slice is responsible for
+            a = s.lo + s.row0  # first row this slice computes
+            n = min(s.lo + s.row1, inter) - a  # its rows that are not padding
+            if n <= 0:
+                continue
+            r = slice(s.row0, s.row0 + n)
             for le, e in enumerate(s.experts):
-                gate[e, a:b] = _unpack(w13[le, :, :, 0])[s.row0:s.row1, :H]
-                up[e, a:b] = _unpack(w13[le, :, :, 1])[s.row0:s.row1, :H]
-                down[e, :, a:b] = _unpack_pairs(w2[le])[:H, s.row0:s.row1]
-        return gate[:, :inter].contiguous(), up[:, :inter].contiguous(), down[:, :, :inter].contiguous()
+                if gu is not None:
+                    gu[e, a:a + n] = _unpack(w13[le, :, :, 0])[r, :H]
+                    gu[e, inter + a:inter + a + n] = _unpack(w13[le, :, :, 1])[r, :H]
+                if dn is not None:
+                    dn[e, :, a:a + n] = _unpack_pairs(w2[le])[:H, r]
+        return gu, dn
 
     # ------------------------------------------------------------ forward --
 

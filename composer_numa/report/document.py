@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 from composer_numa._version import __version__
 from composer_numa.machine.topology import Topology
@@ -22,6 +23,7 @@ def to_json(topology: Topology, plan: Plan) -> dict:
         "schema": SCHEMA,
         "version": __version__,
         "live": bool(topology.live),
+        "host": _host() if topology.live else None,
         "nodes": [
             {
                 "id": n.id,
@@ -48,6 +50,7 @@ def to_json(topology: Topology, plan: Plan) -> dict:
                 "numa_node": g.numa_node,
                 "local_cpus": list(g.local_cpus),
                 "numa_unknown_reason": g.numa_unknown_reason,
+                "memory_node": g.memory_node,
             }
             for g in topology.gpus
         ],
@@ -74,6 +77,14 @@ def to_json(topology: Topology, plan: Plan) -> dict:
         },
         "warnings": [d.to_json() for d in warnings_of(topology, plan)],
     }
+
+
+def _host() -> str | None:
+    """This machine's name, as ``composer-numa report --merge`` labels its rows."""
+    try:
+        return socket.gethostname() or None
+    except OSError:
+        return None
 
 
 def render_json(topology: Topology, plan: Plan) -> str:

@@ -3,8 +3,10 @@
 Sockets are boxes holding their NUMA nodes; each node shows its CPU ranges,
 memory and distances, and a grid with one column per physical core (SMT
 siblings stacked) whose cells are coloured by the rank that owns the CPU. GPUs
-and NICs hang off the node they are attached to. Nodes without CPUs (HBM, CXL,
-GPU memory) are drawn dashed in a band of their own. A legend lists every rank
+and NICs hang off the node they are attached to. A GPU whose memory is a CPU-less
+node (Grace Hopper, Grace Blackwell) has that node drawn right under it, dashed;
+other nodes without CPUs (HBM, CXL) are drawn dashed in a band of their own, and
+nodes with neither CPUs nor memory as small tags there. A legend lists every rank
 with its colour, GPU, CPUs, memory policy and threads; the warnings follow.
 
 Plain string building, no dependencies: the output is a standalone SVG 1.1
@@ -36,6 +38,8 @@ SOCKET_PAD = 12
 SOCKET_HEAD = 24
 MAX_NODES_PER_ROW = 4
 CHIP_H, CHIP_GAP, CHIP_SPINE = 34, 6, 16
+GPU_MEM_H, GPU_MEM_GAP = 44, 8  # a GPU's own memory node, drawn under the GPU
+EMPTY_W, EMPTY_H, EMPTY_GAP = 58, 20, 4  # a node with neither CPUs nor memory
 MARGIN = 16
 FONT = "DejaVu Sans, Verdana, Helvetica, Arial, sans-serif"
 MONO = "DejaVu Sans Mono, Menlo, Consolas, monospace"
@@ -179,6 +183,13 @@ class _Picture:
                 self.views[dev.numa_node].devices.append(dev)
             else:
                 self.unattached.append(dev)
+        # a GPU's own memory node is drawn under that GPU (once, even if two GPUs claimed it)
+        self.gpu_memory: dict[int, Node] = {}
+        for g in topology.gpus:
+            mem = g.memory_node
+            if (mem is not None and mem in node_ids and not self.views[mem].node.cpus and g not in self.unattached
+                    and mem not in {n.id for n in self.gpu_memory.values()}):
+                self.gpu_memory[g.index] = self.views[mem].node
         cpu_views = [v for v in self.views.values() if v.node.cpus]
         max_cores = max((len(v.cores) for v in cpu_views), default=1)
         self.cols = max(1, min(MAX_CORE_COLS, max_cores))
@@ -206,11 +217,19 @@ class _Picture:
         grid = self._grid_h(v)
         return self.HEAD_H + (grid + 6 if grid else 0) + NODE_PAD
 
+    def _device_rows(self, v: _NodeView) -> list[float]:
+        """Height of each row of two devices: a chip, and the GPU memory node under it if any."""
+        rows = []
+        for i in range(0, len(v.devices), 2):
+            pair = v.devices[i:i + 2]
+            mem = any(isinstance(d, Gpu) and d.index in self.gpu_memory for d in pair)
+            rows.append(CHIP_H + CHIP_GAP + (GPU_MEM_H + GPU_MEM_GAP if mem else 0))
+        return rows
+
     def _devices_h(self, v: _NodeView) -> float:
         if not v.devices:
             return 0.0
-        rows = -(-len(v.devices) // 2)
-        return 10 + rows * (CHIP_H + CHIP_GAP)
+        return 10 + sum(self._device_rows(v))
 
     # ---------------------------------------------------------------- pieces
 
@@ -408,21 +427,51 @@ class _Picture:
             x -= 3
 
     def devices(self, v: _NodeView, x: float, y: float) -> None:
-        """GPUs and NICs hanging off a spine under the node, two per row."""
+        """GPUs and NICs hanging off a spine under the node, two per row; a GPU's memory node under it."""
         if not v.devices:
             return
         s = self.svg
         spine_x = x + self.node_w / 2
-        rows = -(-len(v.devices) // 2)
-        last_mid = y + 10 + (rows - 1) * (CHIP_H + CHIP_GAP) + CHIP_H / 2
-        s.line(spine_x, y, spine_x, last_mid, "#8c959f", 2)
+        heights = self._device_rows(v)
+        tops = [y + 10 + sum(heights[:k]) for k in range(len(heights))]
+        s.line(spine_x, y, spine_x, tops[-1] + CHIP_H / 2, "#8c959f", 2)
         for i, dev in enumerate(v.devices):
             row, side = divmod(i, 2)
-            cy = y + 10 + row * (CHIP_H + CHIP_GAP)
+            cy = tops[row]
             cx = x if side == 0 else x + self.node_w - self.chip_w
             stub_from = cx + self.chip_w if side == 0 else cx
             s.line(stub_from, cy + CHIP_H / 2, spine_x, cy + CHIP_H / 2, "#8c959f", 2)
             self.chip(dev, cx, cy, self.chip_w)
+            mem = self.gpu_memory.get(dev.index) if isinstance(dev, Gpu) else None
+            if mem is not None:
+                my = cy + CHIP_H + GPU_MEM_GAP
+                s.line(cx + self.chip_w / 2, cy + CHIP_H, cx + self.chip_w / 2, my, C_MEMNODE_LINE, 2)
+                self.gpu_memory_box(mem, dev, cx, my, self.chip_w)
+
+    def gpu_memory_box(self, n: Node, gpu: Gpu, x: float, y: float, w: float) -> None:
+        """A GPU's own memory node (CPU-less), compact, right under the GPU."""
+        s = self.svg
+        s.raw(f"<g><title>{escape(self._node_tooltip(n) + f', the memory of GPU {gpu.index}')}</title>")
+        s.rect(x, y, w, GPU_MEM_H, C_MEMNODE_FILL, C_MEMNODE_LINE, rx=5, sw=1.8, dash="6 3",
+               extra=f' id="node-{n.id}" class="node memory-only gpu-memory" data-gpu="{gpu.index}"')
+        label = f"node {n.id}"
+        s.text(x + 7, y + 14, label, size=11.5, weight="bold")
+        right = x + w - 5
+        tags = self.mem_ranks.get(n.id, [])
+        if tags:
+            right = self._rank_tags(right, y + 5, tags, "mem") - 4
+        if n.memory_total > 0:
+            mem = f"GPU {gpu.index} memory, {format_size(n.memory_total)}"
+            if self.t.allowed_mems and n.id not in self.t.allowed_mems:
+                mem += ", outside the cpuset"
+            s.text(x + 7, y + 28, _fit(mem, 9.5, w - 14), size=9.5, fill=C_MEMNODE_LINE)
+            used = 1.0 - min(1.0, max(0.0, n.available / n.memory_total))
+            s.rect(x + 7, y + 33, w - 14, 4, "#d0d7de", rx=2)
+            if used > 0:
+                s.rect(x + 7, y + 33, (w - 14) * used, 4, "#6e7781", rx=2)
+        else:
+            s.text(x + 7, y + 28, "no memory online", size=9.5, fill=C_WARN, weight="bold")
+        s.raw("</g>")
 
     # ---------------------------------------------------------------- layout
 
@@ -499,10 +548,11 @@ class _Picture:
         if socket_list:
             y += row_h + NODE_GAP
 
-        mem_views = [v for v in self.views.values() if not v.node.cpus]
+        beside = {n.id for n in self.gpu_memory.values()}
+        mem_views = [v for v in self.views.values() if not v.node.cpus and v.node.id not in beside]
         if mem_views:
             y, w = self._band("memory-only nodes (no CPUs: HBM, CXL or GPU memory)", mem_views,
-                              y, C_MEMNODE_LINE)
+                              y, C_MEMNODE_LINE, max(placed_w, 760.0))
             placed_w = max(placed_w, w)
         if self.unattached:
             y, w = self._unattached(y)
@@ -536,18 +586,34 @@ class _Picture:
         top.text(MARGIN, MARGIN + 44, proc, size=11.5, fill=C_MUTED)
         return "\n".join([*head, *top.parts, *s.parts, "</svg>"]) + "\n"
 
-    def _band(self, label: str, views: list[_NodeView], y: float, line: str) -> tuple[float,
-                                                                                       float]:
-        """A row of nodes outside any socket (CPU-less nodes); returns (next y, width)."""
+    def _band(self, label: str, views: list[_NodeView], y: float, line: str, room: float) -> tuple[float,
+                                                                                                   float]:
+        """Nodes outside any socket (CPU-less nodes); returns (next y, width).
+
+        Nodes with memory get a full box; nodes with neither CPUs nor memory (the MIG
+        reservations of Grace GPUs: seven per GPU) a small tag each, in rows ``room`` wide.
+        """
         s = self.svg
-        per_row = min(MAX_NODES_PER_ROW, len(views))
-        w = 2 * SOCKET_PAD + per_row * self.node_w + (per_row - 1) * NODE_GAP
-        rows = [views[i:i + per_row] for i in range(0, len(views), per_row)]
+        full = [v for v in views if v.node.memory_total > 0 or v.devices]
+        empty = [v for v in views if not (v.node.memory_total > 0 or v.devices)]
+        per_row = max(1, min(MAX_NODES_PER_ROW, len(full)))
+        w = 2 * SOCKET_PAD + per_row * self.node_w + (per_row - 1) * NODE_GAP if full else 0.0
+        rows = [full[i:i + per_row] for i in range(0, len(full), per_row)]
         dims = [(max(self._node_h(v) for v in r), max(self._devices_h(v) for v in r))
                 for r in rows]
-        h = SOCKET_HEAD + sum(a + b for a, b in dims) + NODE_GAP * (len(rows) - 1) + SOCKET_PAD
+        h = SOCKET_HEAD + sum(a + b for a, b in dims) + NODE_GAP * max(0, len(rows) - 1) + SOCKET_PAD
+        tag_w = max(w, room) - 2 * SOCKET_PAD
+        per_tag_row = max(1, int((tag_w + EMPTY_GAP) // (EMPTY_W + EMPTY_GAP)))
+        tag_rows = -(-len(empty) // per_tag_row)
+        if empty:
+            w = max(w, 2 * SOCKET_PAD + min(len(empty), per_tag_row) * (EMPTY_W + EMPTY_GAP) - EMPTY_GAP)
+            tags_h = tag_rows * (EMPTY_H + EMPTY_GAP) - EMPTY_GAP
+            h = h + NODE_GAP + 16 + tags_h if full else SOCKET_HEAD + tags_h + SOCKET_PAD
+        empty_label = (f"{len(empty)} node{'s' if len(empty) > 1 else ''} with neither CPUs nor memory "
+                       "(reserved, e.g. for GPU memory partitions)")
+        w = max(w, 2 * SOCKET_PAD + _text_w(label if full else empty_label, 12.5))
         s.rect(MARGIN, y, w, h, "#fbfaff", line, rx=10, sw=1.2, dash="6 3")
-        s.text(MARGIN + SOCKET_PAD, y + 17, label, size=12.5, weight="bold", fill=line)
+        s.text(MARGIN + SOCKET_PAD, y + 17, label if full else empty_label, size=12.5, weight="bold", fill=line)
         cy = y + SOCKET_HEAD
         for row, (nh, dh) in zip(rows, dims, strict=True):
             for i, v in enumerate(row):
@@ -555,7 +621,21 @@ class _Picture:
                 self.node_box(v, nx, cy, nh)
                 self.devices(v, nx, cy + nh)
             cy += nh + dh + NODE_GAP
+        if empty and full:
+            s.text(MARGIN + SOCKET_PAD, cy + 10, empty_label, size=10, fill=C_MUTED)
+            cy += 16
+        for k, v in enumerate(empty):
+            r, c = divmod(k, per_tag_row)
+            self.empty_node(v.node, MARGIN + SOCKET_PAD + c * (EMPTY_W + EMPTY_GAP), cy + r * (EMPTY_H + EMPTY_GAP))
         return y + h + NODE_GAP, w
+
+    def empty_node(self, n: Node, x: float, y: float) -> None:
+        s = self.svg
+        s.raw(f"<g><title>{escape(self._node_tooltip(n))}</title>")
+        s.rect(x, y, EMPTY_W, EMPTY_H, "#ffffff", C_MEMNODE_LINE, rx=4, sw=1, dash="3 2",
+               extra=f' id="node-{n.id}" class="node memory-only empty"')
+        s.text(x + EMPTY_W / 2, y + 14, f"node {n.id}", size=9.5, fill=C_MUTED, anchor="middle")
+        s.raw("</g>")
 
     def _unattached(self, y: float) -> tuple[float, float]:
         """Devices whose NUMA node is unknown, in a dashed band."""

@@ -49,7 +49,7 @@ def _sections(topology: Topology, plan: Plan) -> list[tuple[str, list[str], list
     ]
     gpus = [
         [str(g.index), _dash(g.pci_bus_id), g.vendor, _dash(g.numa_node),
-         format_cpulist(g.local_cpus) or "-"]
+         format_cpulist(g.local_cpus) or "-", _dash(g.memory_node)]
         for g in topology.gpus
     ]
     nics = [
@@ -68,7 +68,7 @@ def _sections(topology: Topology, plan: Plan) -> list[tuple[str, list[str], list
         ("NUMA nodes", ["node", "cpus", "socket", "memory", "free", "available", dist_header], nodes,
          "lllrrrl"),
         ("Sockets", ["socket", "cpus", "cores", "nodes"], sockets, "llrl"),
-        ("GPUs", ["gpu", "pci address", "vendor", "node", "local cpus"], gpus, "lllll"),
+        ("GPUs", ["gpu", "pci address", "vendor", "node", "local cpus", "memory node"], gpus, "llllll"),
         ("NICs", ["pci address", "kind", "vendor", "node", "local cpus"], nics, "lllll"),
         (f"Plan ({options_text(plan)})",
          ["rank", "gpu", "gpu pci address", "nodes", "cpus", "memory", "threads"], ranks,

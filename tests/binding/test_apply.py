@@ -298,3 +298,51 @@ def test_verify_locality():
     (d,) = bind.verify(plan, state, min_local_fraction=0.95)
     assert d.what == "locality" and str(d) == ("90.0% of resident memory is on nodes 1, "
                                                "required 95%")
+
+
+def test_omp_num_threads_zero_counts_as_unset():
+    got = run_apply(rank_plan(threads=2), env={"OMP_NUM_THREADS": "0", "MKL_NUM_THREADS": ""})
+    assert got["env"]["OMP_NUM_THREADS"] == "2" and got["env"]["MKL_NUM_THREADS"] == "2"
+    assert got["applied"]["env"] == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+
+
+PINNED = r"""
+import json, os, sys, threading
+from composer_numa import bind
+from composer_numa.plan import RankPlan
+plan = RankPlan.from_json(sys.argv[1])
+cpus = sorted(os.sched_getaffinity(0))
+ready, stop, tids = threading.Barrier(3), threading.Event(), {}
+def worker(name, pin):
+    if pin is not None:
+        os.sched_setaffinity(0, pin)  # a library pinning its own thread on purpose
+    tids[name] = threading.get_native_id()
+    ready.wait()
+    stop.wait()
+threads = [threading.Thread(target=worker, args=("pinned", [cpus[-1]])),
+           threading.Thread(target=worker, args=("plain", None))]
+for t in threads: t.start()
+ready.wait()
+applied = bind.apply(plan, respect_pinned=sys.argv[2] == "1")
+def cpus_of(tid):
+    return sorted(os.sched_getaffinity(tid))
+out = {k: cpus_of(v) for k, v in tids.items()} | {"kept": list(applied.kept_threads), "main": cpus_of(0)}
+stop.set()
+for t in threads: t.join()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs two allowed CPUs")
+@pytest.mark.parametrize("respect", [True, False])
+def test_threads_pinned_elsewhere_on_purpose_are_left_alone(respect):
+    plan = rank_plan(cpus=CPUS[:1], policy=MemoryPolicy.NONE, nodes=())
+    out = subprocess.run([sys.executable, "-c", PINNED, json.dumps(plan.to_json()), "1" if respect else "0"],
+                         capture_output=True, text=True, env=ENV, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["main"] == [CPUS[0]] and got["plain"] == [CPUS[0]]
+    if respect:
+        assert got["pinned"] == [CPUS[-1]] and len(got["kept"]) == 1
+    else:
+        assert got["pinned"] == [CPUS[0]] and got["kept"] == []

@@ -116,3 +116,34 @@ def test_check_rejects_a_malformed_binding():
     assert out.returncode == 2
     assert out.stderr.startswith("composer-numa: error: COMPOSER_NUMA_BINDING is not a binding")
 
+
+
+def test_a_zombie_is_a_one_line_error():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # wait until it has exited but is not reaped
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.02)
+        out = cn("check", "--pid", str(pid))
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert out.stderr.strip() == (f"composer-numa: error: process {pid} has exited (a zombie not yet "
+                                      "reaped): it has no binding to check")
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_a_binding_made_for_another_process_is_not_compared(tmp_path):
+    """As in the callback: an inherited document (another PID) is not this process's binding."""
+    doc = {"local_rank": 0, "gpu": None, "gpu_pci_bus_id": None, "numa_nodes": [0], "cpus": [CPUS[0]],
+           "memory_policy": "bind", "memory_nodes": [0], "num_threads": 1, "pid": 1, "bound_at": "exec"}
+    out = cn("check", env=clean_env(COMPOSER_NUMA_BINDING=json.dumps(doc)))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "none for this process (its COMPOSER_NUMA_BINDING was made for another" in out.stdout
+    assert "MISMATCH" not in out.stdout
+    got = json.loads(cn("check", "--format", "json", env=clean_env(COMPOSER_NUMA_BINDING=json.dumps(doc))).stdout)
+    assert got["binding"] is None and got["ok"] is True

@@ -42,9 +42,9 @@ def _failed(cmd: list[str], proc: subprocess.CompletedProcess) -> str:
     return f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
-def run_scenario(name: str, out: Path, prefix: tuple[str, ...] = (), timeout: int = 300) -> dict:
+def run_scenario(name: str, out: Path, prefix: tuple[str, ...] = (), timeout: int = 300, **env: str) -> dict:
     cmd = [*prefix, sys.executable, "-m", "tests.composer.test_callback", name, str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env() | env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, _failed(cmd, proc)
     return json.loads(out.read_text())
 
@@ -200,7 +200,11 @@ def scenario_adopt(out: str) -> None:
     result: dict = {"binding": json.loads(os.environ["COMPOSER_NUMA_BINDING"]),
                     "affinity_at_start": sorted(os.sched_getaffinity(0)), "policy_at_start": _policy()}
     result["verify_at_start"] = [str(d) for d in bind.verify(bind.binding_from_env()[0])]
-    result["adopt"] = _train(NumaAffinity(mode="node"), duration="1ba")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result["adopt"] = _train(NumaAffinity(mode="node"), duration="1ba")
+    result["adopt"]["warnings"] = _warning_codes(caught)
+    result["adopt"]["messages"] = [str(w.message) for w in caught if "options-ignored" in str(w.message)]
 
     # Something moved the main thread: the callback warns binding-mismatch and puts it back.
     os.sched_setaffinity(0, range(os.cpu_count() or 1))
@@ -238,6 +242,18 @@ def scenario_adopt_workers(out: str) -> None:
         result["run"] = _train(NumaAffinity(worker_cores=1), duration="1ep", num_workers=2, probe=probe)
     result["run"]["warnings"] = _warning_codes(caught)
     result["run"]["worker_status"] = probe.seen
+    Path(out).write_text(json.dumps(result))
+
+
+def scenario_bad_rank(out: str) -> None:
+    """LOCAL_RANK outside LOCAL_WORLD_SIZE: a binding problem, warned once; training goes on."""
+    from composer_numa import NumaAffinity
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _train(NumaAffinity(), duration="1ba")
+    result["warnings"] = _warning_codes(caught)
+    result["messages"] = [str(w.message) for w in caught if str(w.message).startswith("[")]
     Path(out).write_text(json.dumps(result))
 
 
@@ -379,6 +395,10 @@ def test_exec_binding_is_verified_not_replanned(tmp_path):
     # mode='node' in the callback does not override the exclusive binding made at birth
     adopt = r["adopt"]["hparams"]
     assert adopt["numa/bound_at"] == "exec"
+    # ... and says so, once
+    assert r["adopt"]["warnings"] == ["options-ignored"] and adopt["numa/warnings"] == "options-ignored"
+    (msg,) = r["adopt"]["messages"]
+    assert "NumaAffinity(mode='node') differs from the binding composer-numa exec made" in msg
     assert _cpulist(adopt["numa/cpus"]) == want and adopt["numa/local_rank"] == 1
     assert r["adopt"]["affinity"] == want
     # drifted main thread: warned with its code and put back
@@ -392,6 +412,14 @@ def test_exec_binding_is_verified_not_replanned(tmp_path):
     assert r["inherited"]["hparams"]["numa/bound_at"] == "callback"
     assert r["inherited"]["hparams"]["numa/local_rank"] == 0
     assert r["inherited"]["affinity"] == want
+
+
+def test_a_local_rank_outside_the_local_world_warns_once_and_trains(tmp_path):
+    r = run_scenario("bad_rank", tmp_path / "out.json", LOCAL_RANK="3", LOCAL_WORLD_SIZE="2")
+    assert r["batches"] == 1
+    assert r["warnings"] == ["bind-not-applied"] and len(r["messages"]) == 1
+    assert "local rank 3 from LOCAL_RANK is not below the local world size 2" in r["messages"][0]
+    assert r["hparams"]["numa/bound_at"] == "none" and r["hparams"]["numa/warnings"] == "bind-not-applied"
 
 
 @needs_numa
@@ -588,7 +616,8 @@ def test_importing_composer_numa_does_not_import_torch_or_composer():
 # ---------------------------------------------------------------------------------------------
 
 
-_SCENARIOS = {"single": scenario_single, "adopt": scenario_adopt, "adopt_workers": scenario_adopt_workers}
+_SCENARIOS = {"single": scenario_single, "adopt": scenario_adopt, "adopt_workers": scenario_adopt_workers,
+              "bad_rank": scenario_bad_rank}
 
 if __name__ == "__main__":
     _SCENARIOS[sys.argv[1]](sys.argv[2])

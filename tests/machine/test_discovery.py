@@ -181,3 +181,27 @@ def test_import_and_discovery_do_not_import_torch():
     code = ("import sys, composer_numa; from composer_numa.machine.sysfs import discover; discover(); "
             "assert 'torch' not in sys.modules and 'composer' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("value, count", [
+    ("²", 0),                     # a unicode digit is not a device index
+    ("0" * 5000, 1),              # 5,000 zeros are index 0 (and not a 5,000-digit int)
+    (",".join(["0"] * 5000), 1),  # CUDA stops at the first repeated device
+    ("1,1,0", 1),
+    ("99999999999999999999,0", 0),
+])
+def test_odd_visible_devices_values_never_crash(tmp_path, value, count):
+    t = _topo(tmp_path, "aws-p4d", env={"CUDA_VISIBLE_DEVICES": value})
+    assert len(t.gpus) == count
+
+
+def test_mixed_gpu_models_without_pci_bus_order_warn(tmp_path):
+    spec = dict(SPECS["aws-p4d"])
+    spec["gpus"] = [dict(g, device=0x2330 if i % 2 else 0x20B0) for i, g in enumerate(spec["gpus"])]
+    s, p = build_tree(tmp_path, spec)
+    (diag,) = discover(s, p, env={}).diagnostics
+    assert diag.code == "gpu-order-uncertain" and "2 different models" in diag.message
+    assert "CUDA_DEVICE_ORDER=PCI_BUS_ID" in diag.outcome
+    assert discover(s, p, env={"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}).diagnostics == ()
+    same, _ = build_tree(tmp_path / "same", SPECS["aws-p4d"]), None
+    assert discover(*same, env={}).diagnostics == ()

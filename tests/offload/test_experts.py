@@ -425,7 +425,7 @@ def test_trains_inside_composer_trainer():
     assert final < 3.4  # ln(32) = 3.47 at chance
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.cuda
 def test_cuda_input_round_trips_through_pinned_memory():
     dense = dense_weights(torch.bfloat16, seed=13)
     layer = NumaExperts.from_dense(*dense)

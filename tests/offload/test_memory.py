@@ -154,7 +154,7 @@ def test_native_pin_failure_is_reported_not_raised():
     assert int(t.sum()) == 1 << 20
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_pin_with_cuda_page_locks():
     t = memory.empty(1 << 20, torch.float32, pin=True)
     assert t.is_pinned()

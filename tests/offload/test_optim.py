@@ -520,7 +520,7 @@ def test_offload_prefetch_does_not_see_gradients_changed_after_backward():
     assert_same_trajectory(a.weight, b.weight, steps=1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_offload_matches_torch(dtype):
     torch.manual_seed(0)

@@ -99,6 +99,9 @@ def _check_schema(d: dict, topo: Topology, p: Plan) -> None:
         assert g["pci_bus_id"] is None or re.fullmatch(
             r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]", g["pci_bus_id"])
         assert ints(g["local_cpus"])
+        assert g["memory_node"] == topo.gpus[g["index"]].memory_node
+        assert g["memory_node"] is None or not topo.node(g["memory_node"]).cpus
+    assert d["host"] is None if not topo.live else isinstance(d["host"], str)
     for nic in d["nics"]:
         assert set(nic) >= {"pci_bus_id", "kind", "vendor", "numa_node", "local_cpus"}
         assert nic["numa_node"] is None or nic["numa_node"] in node_ids
@@ -355,6 +358,41 @@ def test_svg_draws_each_cpu_in_its_node_coloured_by_its_ranks(machines, name, mo
         assert format_cpulist(r.cpus) in text or "…" in text
     for w in warnings_of(topo, p):
         assert f"[{w.code}]" in text
+
+
+@pytest.mark.parametrize("name", ["gh200", "gb200-tray"])
+def test_svg_draws_each_gpu_memory_node_right_under_its_gpu(machines, name):
+    topo, p = _planned(machines, name, memory_target="hbm")
+    root = ET.fromstring(render_svg(topo, p).encode())
+    rects = _rects(root)
+    drawn = []
+    for g in topo.gpus:
+        assert g.memory_node is not None
+        chip, mem = _box(rects[f"gpu-{g.index}"]), rects[f"node-{g.memory_node}"]
+        box = _box(mem)
+        assert "gpu-memory" in mem.get("class") and mem.get("data-gpu") == str(g.index)
+        assert mem.get("stroke-dasharray") is not None
+        # under its GPU: same column, just below the chip, inside the GPU's socket
+        assert abs(box[0] - chip[0]) < 0.01 and abs(box[2] - chip[2]) < 0.01
+        assert 0 < box[1] - chip[3] <= 12
+        socket = topo.cpu(topo.node(g.numa_node).cpus[0]).socket
+        assert _inside(box, _box(rects[f"socket-{socket}"]))
+        drawn.append(g.memory_node)
+    # ranks whose policy uses a GPU's memory are tagged on that node, in their colour
+    for r in p.ranks:
+        (node,) = r.memory_nodes
+        assert node in drawn
+        box = _box(rects[f"node-{node}"])
+        tags = [e for e in root.iter(f"{SVG}rect") if e.get("fill") == rank_colour(r.local_rank)
+                and _inside(_box(e), box)]
+        assert tags, f"rank {r.local_rank} is not tagged on node {node}"
+    # the nodes with neither CPUs nor memory (MIG reservations) are small tags, not node boxes
+    empty = [n.id for n in topo.nodes if not n.cpus and not n.has_memory]
+    assert empty and all("empty" in rects[f"node-{n}"].get("class") for n in empty)
+    assert max(float(rects[f"node-{n}"].get("height")) for n in empty) <= 24
+    text = " ".join("".join(e.itertext()) for e in root.iter(f"{SVG}text"))
+    assert f"{len(empty)} nodes with neither CPUs nor memory" in text
+    assert "GPU 0 memory" in text
 
 
 def test_svg_of_256_cpus_and_8_nodes_stays_legible(machines):

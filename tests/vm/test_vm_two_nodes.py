@@ -40,6 +40,7 @@ def _checks() -> dict:
         checks[f"exec-{pol}"] = [*cli(), "exec", "--memory", pol, "--",
                                  *py("alloc.py", str(MIB), *remote)]
     checks["migrate"] = ["numactl", "--membind=0", "--", *py("migrate.py", str(MIB))]
+    checks["check-kthread"] = [*cli(), "check", "--pid", "2"]  # kthreadd: no memory, no environment
     return checks
 
 
@@ -119,3 +120,11 @@ def test_late_binding_migrates_pages(boot):
     frac = assert_pages_on(out, [1])
     print(f"[locality] {LAYOUT.name} migrate: {fraction_on(out['before'], [0]):.4f} on node 0 "
           f"before, {frac:.4f} on node 1 after")
+
+
+def test_check_of_a_kernel_thread_reports_without_a_traceback(boot):
+    r = boot["check-kthread"]
+    assert r.returncode == 0, r.describe()
+    assert "Traceback" not in r.stderr
+    assert r.stdout.startswith("process 2\n") and "binding: none exported" in r.stdout
+    assert "threads:" in r.stdout
