@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from composer_numa import NumaAdamW
+from composer_numa.offload import memory, runtime
 from composer_numa.offload.native import native
 
 GPT2_LAYERS = 12
@@ -120,12 +121,14 @@ def run_case(name: str, shapes: list[tuple[int, ...]], dtype: torch.dtype, round
 def bandwidth_probe(elements: int, passes: int) -> Callable[[], dict[str, float]]:
     """The extension's STREAM-style probes on this rank's first node, as GB/s."""
     c = native()
-    node = c.worker_nodes()[0]
+    pool = runtime.pool()
+    node = pool.nodes()[0]
 
     def probe() -> dict[str, float]:
         out = {}
         for kernel in ("adamw", "triad"):
-            r = c.bandwidth(kernel, elements, node, node, passes + 1)
+            with memory.reserved(4 * 4 * elements, [node]):
+                r = c.bandwidth(pool, kernel, elements, node, node, passes + 1)
             out[kernel] = r["bytes_per_pass"] / statistics.median(r["seconds"][1:]) / 1e9
         return out
 
@@ -141,7 +144,7 @@ def main() -> int:
 
     c = native()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
-          f"NumaAdamW: {c.num_threads()} pinned workers on nodes {c.worker_nodes()}, "
+          f"NumaAdamW: {runtime.pool().size} pinned workers on nodes {runtime.pool().nodes()}, "
           f"SIMD {c.simd_level()}")
     if deepspeed_cpu_adam() is None:
         print("DeepSpeed CPUAdam: not installed (skipped)")
@@ -177,7 +180,7 @@ def main() -> int:
     big_t, big_n = results[cases[0][0]][0]["NumaAdamW"], results[cases[0][0]][1]
     achieved = 28 * big_n / big_t / 1e9
     print()
-    print(f"bandwidth probe (same node, {c.num_threads()} workers, median over rounds): in-place "
+    print(f"bandwidth probe (same node, {runtime.pool().size} workers, median over rounds): in-place "
           f"4-read/3-write {probe_gbs['adamw']:.1f} GB/s, STREAM triad {probe_gbs['triad']:.1f} GB/s")
     print(f"NumaAdamW on the big tensor: {achieved:.1f} GB/s = "
           f"{100 * achieved / probe_gbs['adamw']:.0f}% of the 4R/3W probe, "

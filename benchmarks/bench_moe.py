@@ -32,6 +32,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
+from composer_numa.offload import runtime
 from composer_numa.offload.experts import NumaExperts, _read_bandwidth_gbps
 from composer_numa.offload.native import native
 
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
 
     print(f"layer: {E} experts, hidden {H}, intermediate {I}, top-{K}, bf16")
-    print(f"NumaExperts kernel: {c.experts_kernel('bfloat16')}, {c.num_threads()} pinned workers; "
+    print(f"NumaExperts kernel: {c.experts_kernel('bfloat16')}, {runtime.pool().size} pinned workers; "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads")
 
     # Dense weights for the PyTorch loop (generated expert by expert to bound the peak).

@@ -286,9 +286,9 @@ def worker_numa(args) -> dict:
     gc.collect()
     workers = None
     try:  # not public API: only for the label
-        from composer_numa._native import native
+        from composer_numa.offload import runtime
 
-        workers = native().num_threads()
+        workers = runtime.pool().size
     except Exception:
         pass
     kernel = layer.report(measure_bandwidth=False).kernel

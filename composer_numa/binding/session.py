@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 
@@ -244,6 +245,7 @@ def bind_rank(
         raise
     except Exception as e:  # noqa: BLE001 - a bug of ours must not stop the job
         return unbound(f"local rank {rank.local_rank}: binding failed: {type(e).__name__}: {e}", topology, rank)
+    _replan_offload()
     o = result.options
     doc = binding_document(
         applied, bound_at, rank_source=rank.source, allowed_cpus=list(topology.allowed_cpus),
@@ -253,6 +255,14 @@ def bind_rank(
         env[BINDING_ENV] = json.dumps(doc, separators=(",", ":"))
     done = applied.cpus is not None or applied.memory_policy is not None
     return Binding(rank, topology, result, rank_plan, applied, bound_at if done else "none", warnings, doc)
+
+
+def _replan_offload() -> None:
+    """The offload runtime planned its worker pool from the affinity a binding just changed: have
+    it plan again on next use. Only when it is loaded: binding never imports torch or the extension."""
+    runtime = sys.modules.get("composer_numa.offload.runtime")
+    if runtime is not None:
+        runtime.reset()
 
 
 def reassert(rank_plan: RankPlan, *, target: RankPlan | None = None, strict: bool = False,

@@ -23,6 +23,7 @@ from typing import Any
 
 from composer_numa.cli.options import count
 from composer_numa.errors import ComposerNumaError
+from composer_numa.offload import memory, runtime
 from composer_numa.offload.native import NativeExtensionError, native
 from composer_numa.units import format_size, parse_size
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 KERNELS = ("read", "copy", "triad", "adamw")
 _STREAMS = {"read": 1, "copy": 2, "triad": 3, "adamw": 7}
+_ARRAYS = {"read": 1, "copy": 2, "triad": 3, "adamw": 4}
 
 
 def register(subparsers: Any) -> None:
@@ -70,16 +72,18 @@ def measure(size: int, passes: int, matrix: bool = True) -> dict[str, Any]:
     """
     try:
         c = native()
-    except NativeExtensionError as e:
+        pool = runtime.pool()
+    except (NativeExtensionError, ValueError) as e:
         raise ComposerNumaError(str(e)) from None
     elements = max(1024, size // 4)
-    cpu_nodes = list(c.worker_nodes())
-    mem_nodes = list(c.memory_nodes())
+    array_bytes = -(-elements // 16) * 16 * 4  # the probe rounds arrays up to 16 elements
+    cpu_nodes = list(pool.nodes())
+    mem_nodes = runtime.memory_nodes()
     home = next((n for n in cpu_nodes if n in mem_nodes), mem_nodes[0] if mem_nodes else 0)
     doc: dict[str, Any] = {
         "schema": 1,
-        "threads": c.num_threads(),
-        "workers": [{"cpu": w["cpu"], "node": w["node"]} for w in c.workers()],
+        "threads": pool.size,
+        "workers": [{"cpu": w["cpu"], "node": w["node"]} for w in pool.workers()],
         "bytes_per_array": elements * 4,
         "kernels": [],
         "matrix": None,
@@ -87,7 +91,8 @@ def measure(size: int, passes: int, matrix: bool = True) -> dict[str, Any]:
     }
     for kernel in KERNELS:
         try:
-            r = c.bandwidth(kernel, elements, home, home, passes + 1)
+            with memory.reserved(array_bytes * _ARRAYS[kernel], [home]):
+                r = c.bandwidth(pool, kernel, elements, home, home, passes + 1)
         except MemoryError as e:
             doc["skipped"].append(f"{kernel}: {e}")
             continue
@@ -101,7 +106,8 @@ def measure(size: int, passes: int, matrix: bool = True) -> dict[str, Any]:
             row: list[float | None] = []
             for j in mem_nodes:
                 try:
-                    row.append(_rate(c.bandwidth("read", elements, i, j, passes + 1))[1])
+                    with memory.reserved(array_bytes, [j]):
+                        row.append(_rate(c.bandwidth(pool, "read", elements, i, j, passes + 1))[1])
                 except MemoryError as e:
                     doc["skipped"].append(f"read cpu {i} / mem {j}: {e}")
                     row.append(None)
@@ -142,10 +148,7 @@ def run(args: argparse.Namespace) -> int:
         raise ComposerNumaError(f"--size {args.size}: four arrays of it need {format_size(size * 4)}, "
                                 f"more than this machine's {format_size(total)}")
     if args.threads is not None:
-        try:
-            native().set_num_threads(args.threads)
-        except NativeExtensionError as e:
-            raise ComposerNumaError(str(e)) from None
+        runtime.reset(threads=args.threads)  # planned (and checked) when measure() starts the pool
     doc = measure(size, args.passes, matrix=not args.no_matrix)
     if args.format == "json":
         json.dump(doc, sys.stdout, indent=2)

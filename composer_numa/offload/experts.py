@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from composer_numa.diagnostics import NODE_MEMORY_INSUFFICIENT, Diagnostic, emit
-from composer_numa.offload import hf, memory
+from composer_numa.machine import capacity, procfs
+from composer_numa.offload import hf, memory, runtime
 from composer_numa.offload.native import native
 from composer_numa.units import format_size
 
@@ -89,6 +90,27 @@ def _plan(num_experts: int, intermediate: int, nodes: list[int], placement: str)
             if mine:
                 out.append(_Slice(node, mine, 0, padded, 0, padded))
     return out
+
+
+def _local_index(experts: Sequence[int], num_experts: int) -> list[int]:
+    """Expert id -> its position in a slice, -1 when the slice does not hold it (O(E))."""
+    out = [-1] * num_experts
+    for i, e in enumerate(experts):
+        out[e] = i
+    return out
+
+
+def _check_size(need: int, nodes: Sequence[int]) -> None:
+    """A layer the chosen nodes cannot hold together is a MemoryError here, before any work that
+    grows with its size; each node's share is checked again when it is allocated."""
+    distinct = sorted(set(nodes))
+    room = sum(m.available for m in capacity.read_nodes(distinct).values())
+    cgroup = procfs.cgroup_memory_room()
+    if cgroup is not None:
+        room = min(room, cgroup)
+    if need > room:
+        raise MemoryError(f"NumaExperts: the expert weights need {format_size(need)}; NUMA node(s) {distinct} "
+                          f"can give {format_size(room)}")
 
 
 def _pack(w: torch.Tensor, kp: int) -> torch.Tensor:
@@ -240,15 +262,16 @@ class NumaExperts(nn.Module):
         self.intermediate_padded = _round_up(intermediate, _ALIGN)
         self._kp = 2 if dtype == torch.bfloat16 else 1
         node_list = self._resolve_nodes(nodes)
+        _check_size(self._copy_bytes() * (len(node_list) if placement == "replicate" else 1), node_list)
         if placement == "replicate":
             placement = self._check_replicate(node_list, fallback)
         self.placement = placement
         self.nodes = node_list
         self._slices = _plan(num_experts, intermediate, node_list, placement)
+        self._local = [_local_index(s.experts, num_experts) for s in self._slices]
         self._impl = native().Experts(
             num_experts, hidden, intermediate, _DTYPES[dtype],
-            [s.node for s in self._slices],
-            [[s.experts.index(e) if e in s.experts else -1 for e in range(num_experts)] for s in self._slices],
+            [s.node for s in self._slices], self._local,
             [s.rows for s in self._slices], [s.row0 for s in self._slices], [s.row1 for s in self._slices],
         )
         # One node-local buffer per slice holds its w13 and w2, registered as
@@ -298,7 +321,7 @@ class NumaExperts(nn.Module):
         if isinstance(nodes, str):
             if nodes != "auto":
                 raise ValueError(f"NumaExperts: nodes must be 'auto', an int or a list of ints, got {nodes!r}")
-            found = [n for n in native().worker_nodes() if n in mem]
+            found = [n for n in runtime.pool().nodes() if n in mem]
             return found or [memory.default_node()]
         node_list = [nodes] if isinstance(nodes, int) else list(nodes)
         if not node_list:
@@ -365,9 +388,9 @@ class NumaExperts(nn.Module):
     def _load_expert(self, e: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         H, Hp, inter, kp = self.hidden, self.hidden_padded, self.intermediate, self._kp
         for p, s in enumerate(self._slices):
-            if e not in s.experts:
+            le = self._local[p][e]
+            if le < 0:
                 continue
-            le = s.experts.index(e)
             n = max(0, min(inter, s.lo + s.rows) - s.lo)  # logical rows in this slice
             g = torch.zeros(s.rows, Hp, dtype=self.dtype)
             u = torch.zeros(s.rows, Hp, dtype=self.dtype)
@@ -724,7 +747,9 @@ class NumaExperts(nn.Module):
                 if node >= 0:
                     resident[node] = resident.get(node, 0) + pages * page
         k = top_k if top_k is not None else getattr(self, "_last_k", 1)
-        bw = dict(bandwidth_gbps or {})
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"NumaExperts.report: top_k must be a positive int, got {k!r}")
+        bw = _check_bandwidths(bandwidth_gbps, {s.node for s in self._slices})
         if not bw and measure_bandwidth:
             for node in sorted({s.node for s in self._slices}):
                 bw[node] = _read_bandwidth_gbps(node)
@@ -749,9 +774,28 @@ class NumaExperts(nn.Module):
                 f"dtype={self.dtype}, placement={self.placement}, nodes={self.nodes}")
 
 
+def _check_bandwidths(given: Any, nodes: set[int]) -> dict[int, float]:
+    """``bandwidth_gbps`` as a dict naming every slice node with a positive, finite GB/s, or {}."""
+    if not given:
+        return {}
+    if not isinstance(given, dict):
+        raise TypeError(f"NumaExperts.report: bandwidth_gbps must be a dict {{node: GB/s}}, got {type(given).__name__}")
+    missing = sorted(nodes - set(given))
+    if missing:
+        raise ValueError(f"NumaExperts.report: bandwidth_gbps has no figure for node(s) {missing}")
+    out = {}
+    for node, gbps in given.items():
+        if isinstance(gbps, bool) or not isinstance(gbps, (int, float)) or not 0 < gbps < math.inf:
+            raise ValueError(f"NumaExperts.report: bandwidth_gbps[{node!r}] must be a positive number of GB/s, "
+                             f"got {gbps!r}")
+        out[node] = float(gbps)
+    return out
+
+
 def _read_bandwidth_gbps(node: int, elements: int = 1 << 25, passes: int = 3) -> float:
     """Read bandwidth of ``node``'s workers from ``node``'s memory (the extension's probe)."""
-    r = native().bandwidth("read", elements, node, node, passes)
+    with memory.reserved(elements * 4, [node]):
+        r = native().bandwidth(runtime.pool(), "read", elements, node, node, passes)
     return r["bytes_per_pass"] / statistics.median(r["seconds"]) / 1e9
 
 
@@ -772,7 +816,7 @@ class _ExpertsFunction(torch.autograd.Function):
             save_g = [torch.empty(T * k * (s.row1 - s.row0)) for s in slices]
             save_u = [torch.empty(T * k * (s.row1 - s.row0)) for s in slices]
         out = torch.empty(T, layer.hidden, dtype=x.dtype, pin_memory=pin)
-        layer._impl.forward(x.detach(), ids, weights.detach(), out, w13, w2, save_g, save_u)
+        layer._impl.forward(runtime.pool(), x.detach(), ids, weights.detach(), out, w13, w2, save_g, save_u)
         if train:
             ctx.layer = layer
             ctx.weights_need_grad = any(ctx.needs_input_grad[5:])
@@ -801,7 +845,7 @@ class _ExpertsFunction(torch.autograd.Function):
                 g13, g2 = g13 * P, g2 * P
         dx = torch.empty_like(x)
         dw = torch.empty(weights.shape, dtype=torch.float32)
-        layer._impl.backward(grad_out.contiguous(), x.detach(), ids, weights.detach(), w13, w2,
+        layer._impl.backward(runtime.pool(), grad_out.contiguous(), x.detach(), ids, weights.detach(), w13, w2,
                              list(save_g), list(save_u), g13, g2, dx, dw)
         layer._stale = True
         need = ctx.needs_input_grad

@@ -4,9 +4,13 @@
 syscall, no libnuma), faults every page in with the worker threads of that node
 and hands the result to torch through DLPack. The mapping is owned by a C++
 object that unmaps it (and un-pins it) when the last tensor viewing it dies.
-Before a page is touched the node's free memory is checked, so a request the
-node cannot hold is a :class:`MemoryError` naming the node, the size and the
-node's free memory, never the OOM killer.
+
+Whether the node can hold the request is answered by
+:mod:`composer_numa.machine.capacity` (what the node can give now and what the
+memory cgroup still allows), under its cross-process reservation held until the
+pages are faulted in: two ranks cannot both pass a check only one of them fits.
+A request that does not fit is a :class:`MemoryError` naming the node, the size
+and the node's available, free and total memory, never the OOM killer.
 
 Example:
     >>> import torch
@@ -20,13 +24,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from composer_numa.diagnostics import PIN_NOT_APPLIED, Diagnostic, emit
+from composer_numa.machine import capacity, procfs
+from composer_numa.offload import runtime
 from composer_numa.offload.native import native
+from composer_numa.units import format_cpulist
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -34,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "PIN_NOT_APPLIED",
     "POLICIES",
+    "MAX_NODES",
     "empty",
     "zeros",
     "zero_",
@@ -42,11 +52,17 @@ __all__ = [
     "node_meminfo",
     "memory_nodes",
     "default_node",
+    "check_room",
+    "reserved",
 ]
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("bind", "preferred", "interleave")
+# Nodes whose cross-process reservation this thread holds (see reserved()).
+_held = threading.local()
+#: Node ids are below this (the kernel's MAX_NUMNODES is at most 1024).
+MAX_NODES = 1024
 
 
 def _supported_dtypes() -> dict[Any, int]:
@@ -80,32 +96,54 @@ def _check_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
 
 def memory_nodes() -> list[int]:
     """Online NUMA nodes with memory that this process may allocate on (Mems_allowed)."""
-    return list(native().memory_nodes())
+    return runtime.memory_nodes()
+
+
+def _check_node(n: Any, what: str = "NUMA node ids") -> int:
+    """A node id that exists, has memory and is inside this process's cpuset, or a one-line error."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{what} must be ints, got {n!r}")
+    if not 0 <= n < MAX_NODES:
+        raise ValueError(f"NUMA node {n} is out of range [0, {MAX_NODES})")
+    topology = runtime.machine()
+    ids = [x.id for x in topology.nodes]
+    if n not in ids:
+        raise ValueError(f"NUMA node {n} does not exist (online nodes: {format_cpulist(ids, 'none')})")
+    if not topology.node(n).has_memory:
+        raise ValueError(f"NUMA node {n} has no memory")
+    if topology.allowed_mems and n not in topology.allowed_mems:
+        raise ValueError(f"NUMA node {n} is not in this process's cpuset (Mems_allowed "
+                         f"{format_cpulist(topology.allowed_mems)})")
+    return n
 
 
 def node_meminfo(node: int) -> dict[str, int]:
-    """``{node, total_bytes, free_bytes, available_bytes}`` of one node, from sysfs.
+    """``{node, total_bytes, free_bytes, available_bytes}`` of one node, now.
 
-    ``available_bytes`` adds the page cache and slab that reclaim can return,
-    minus a reserve: the figure :func:`empty` checks requests against.
+    ``available_bytes`` is what :mod:`composer_numa.machine.capacity` counts as the
+    node's to give (free + clean page cache + reclaimable slab - low watermark): the
+    figure :func:`empty` checks requests against.
     """
-    return dict(native().node_meminfo(int(node)))
+    if isinstance(node, bool) or not isinstance(node, int):
+        raise TypeError(f"node must be an int, got {node!r}")
+    if not 0 <= node < MAX_NODES or node not in [x.id for x in runtime.machine().nodes]:
+        ids = [x.id for x in runtime.machine().nodes]
+        raise ValueError(f"NUMA node {node} does not exist (online nodes: {format_cpulist(ids, 'none')})")
+    m = capacity.read_nodes([node]).get(node)
+    if m is None:
+        return {"node": node, "total_bytes": 0, "free_bytes": 0, "available_bytes": 0}
+    return {"node": node, "total_bytes": m.total, "free_bytes": m.free, "available_bytes": m.available}
 
 
 def default_node() -> int:
     """The node buffers go to when none is given: the first node of this rank's
-    CPUs (the worker pool follows the process's affinity) that has memory."""
-    c = native()
-    mem = set(c.memory_nodes())
-    for n in c.worker_nodes():
-        if n in mem:
-            return n
-    return min(mem) if mem else 0
+    CPUs (the worker pool's nodes) that has memory."""
+    return runtime.default_node()
 
 
 def _resolve_nodes(node: int | Sequence[int] | None, policy: str) -> list[int]:
     if policy not in POLICIES:
-        raise ValueError(f"unknown memory policy {policy!r}; expected one of {', '.join(POLICIES)}")
+        raise ValueError(f"unknown memory policy {str(policy)[:40]!r}; expected one of {', '.join(POLICIES)}")
     if node is None:
         return memory_nodes() if policy == "interleave" else [default_node()]
     try:
@@ -119,7 +157,48 @@ def _resolve_nodes(node: int | Sequence[int] | None, policy: str) -> list[int]:
         raise ValueError(f"policy {policy!r} takes one node, got {nodes}")
     if not nodes:
         raise ValueError("no NUMA node given")
+    for n in nodes:
+        _check_node(n)
+        if nodes.count(n) > 1:
+            raise ValueError(f"NUMA node {n} is listed twice")
     return nodes
+
+
+def check_room(nbytes: int, nodes: Sequence[int], policy: str = "bind") -> None:
+    """Raise :class:`MemoryError` when ``nodes`` cannot hold ``nbytes`` under ``policy`` now.
+
+    The one capacity question, asked of :mod:`composer_numa.machine.capacity`: the
+    nodes' available memory (a ``preferred`` request may spill over every allowed
+    node) and the memory cgroup's room. Call it inside :func:`reserved` (or
+    ``capacity.reserve``) when the memory is then allocated.
+    """
+    spill = memory_nodes() if policy == "preferred" else []
+    figures = capacity.read_nodes(sorted({*nodes, *spill}))
+    why = capacity.shortfall(nbytes, list(nodes), policy, figures, procfs.cgroup_memory_room(), spill)
+    if why is not None:
+        raise MemoryError(why)
+
+
+@contextlib.contextmanager
+def reserved(nbytes: int, nodes: Sequence[int], policy: str = "bind") -> Iterator[None]:
+    """Hold the cross-process reservation of ``nodes`` and check they can hold ``nbytes``:
+    allocate (and fault in) the memory inside the block.
+
+    Nested in a reservation of the same nodes by the same thread (several buffers checked as
+    one request, then allocated one by one), it only checks: the locks are already held.
+    """
+    held: frozenset[int] = getattr(_held, "nodes", frozenset())
+    if set(nodes) <= held:
+        check_room(nbytes, nodes, policy)
+        yield
+        return
+    with capacity.reserve(nodes):
+        _held.nodes = held | set(nodes)
+        try:
+            check_room(nbytes, nodes, policy)
+            yield
+        finally:
+            _held.nodes = held
 
 
 def _warn_pin(why: str) -> None:
@@ -154,11 +233,12 @@ def empty(
         callers should not rely on it: use :func:`zeros` to say so.
 
     Raises:
-        MemoryError: the node(s) cannot hold the request (message names the
-            node, the size and the node's free memory).
-        ValueError: a negative dimension, an unknown policy, a node that does
-            not exist, has no memory or is outside this process's cpuset.
-        TypeError: an unsupported dtype.
+        MemoryError: the node(s) (or the memory cgroup) cannot hold the request;
+            the message names the node, the size and the node's available, free
+            and total memory.
+        ValueError: a negative dimension, an unknown policy, a node that is out
+            of range, does not exist, has no memory or is outside this process's cpuset.
+        TypeError: an unsupported dtype or a node id that is not an int.
     """
     import torch
 
@@ -169,12 +249,9 @@ def empty(
         names = ", ".join(str(d).replace("torch.", "") for d in sizes)
         raise TypeError(f"dtype {dtype} is not supported by composer_numa.offload.memory (use {names})")
     nodes = _resolve_nodes(node, policy)
-    nbytes = math.prod(dims) * sizes[dtype]
+    nbytes = math.prod(dims) * sizes[dtype]  # Python ints: no overflow, any size is checked below
     if nbytes == 0:
         return torch.empty(dims, dtype=dtype)  # no pages to place
-    if nbytes >= 1 << 62:
-        raise MemoryError(f"cannot allocate {nbytes} bytes on NUMA node {nodes[0]}: "
-                          "larger than any machine's memory")
     want_pin = False
     if pin:
         if torch.cuda.is_available():
@@ -182,7 +259,8 @@ def empty(
             want_pin = True
         else:
             _warn_pin("CUDA is not available")
-    capsule, pinned, why = native().alloc(nbytes, nodes, policy, want_pin)
+    with reserved(nbytes, nodes, policy):
+        capsule, pinned, why = native().alloc(runtime.pool(), nbytes, nodes, policy, want_pin)
     if want_pin and not pinned:
         _warn_pin(why)
     return torch.from_dlpack(capsule).view(dtype).view(dims)
@@ -203,12 +281,18 @@ def zeros(
 def zero_(tensor: torch.Tensor, node: int | None = None) -> torch.Tensor:
     """Zero a contiguous CPU tensor in place with the pinned workers of ``node``
     (all workers when ``None``), so node-local buffers are written by local cores."""
-    if tensor.device.type != "cpu":
-        raise ValueError(f"zero_ needs a CPU tensor, got one on {tensor.device}")
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"zero_ needs a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu" or tensor.layout != torch.strided:
+        raise ValueError(f"zero_ needs a dense CPU tensor, got a {tensor.layout} one on {tensor.device}")
     if not tensor.is_contiguous():
         raise ValueError("zero_ needs a contiguous tensor")
+    if node is not None and (isinstance(node, bool) or not isinstance(node, int) or not -1 <= node < MAX_NODES):
+        raise ValueError(f"zero_: node must be None or an int in [0, {MAX_NODES}), got {node!r}")
     if tensor.numel():
-        native().zero_(tensor.detach(), -1 if node is None else int(node))
+        native().zero_(runtime.pool(), tensor.detach(), -1 if node is None else node)
     return tensor
 
 

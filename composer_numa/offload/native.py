@@ -1,8 +1,10 @@
 """Loader for the compiled extension ``composer_numa._C``.
 
-Importing the package never needs the extension; the modules that do (memory,
-optim, bench, experts) call :func:`native` and get one clear error when the
-extension was not built, instead of a bare ``ModuleNotFoundError``.
+Importing the package never needs the extension; the modules that do (runtime,
+memory, optim, experts, bench) call :func:`native` and get one clear error when
+the extension was not built, instead of a bare ``ModuleNotFoundError``. The
+extension reads nothing of the machine itself: :mod:`.runtime` gives it the
+worker slots, :mod:`.memory` the node ids and the capacity answer.
 """
 
 from __future__ import annotations

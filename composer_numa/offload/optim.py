@@ -63,6 +63,7 @@ from __future__ import annotations
 import logging
 import operator
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,7 +71,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from composer_numa.offload import memory
+from composer_numa.offload import memory, runtime
 from composer_numa.offload.interrupts import deferred_sigint
 from composer_numa.offload.native import native
 
@@ -170,12 +171,12 @@ def fused_adamw_(
         raise TypeError(f"exp_avg ({exp_avg.dtype}) and exp_avg_sq ({exp_avg_sq.dtype}) differ")
     if master is not None and master.dtype != torch.float32:
         raise TypeError(f"master must be float32, got {master.dtype}")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step must be an int >= 1, got {step!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step < 2**63:
+        raise ValueError(f"step must be an int from 1 to 2**63 - 1, got {step!r}")
     _check_hyper(lr, betas, eps, weight_decay)
     d = [t.detach().reshape(-1) for t in (param, grad, exp_avg, exp_avg_sq)]
     m = None if master is None else master.detach().reshape(-1)
-    native().adamw_step([(-1, d[0], d[1], d[2], d[3], m, float(lr), float(betas[0]),
+    native().adamw_step(runtime.pool(), [(-1, d[0], d[1], d[2], d[3], m, float(lr), float(betas[0]),
                           float(betas[1]), float(eps), float(weight_decay), step,
                           float(grad_scale), bool(maximize))])
 
@@ -307,6 +308,13 @@ class _CudaCopies(_HostCopies):
         current.wait_stream(self.down)
 
 
+def _remove_hooks(handles: list[Any]) -> None:
+    """Remove gradient hooks from their parameters, emptying the list in place."""
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
 def _gpu_node(device: torch.device) -> int | None:
     try:
         from composer_numa.machine.sysfs import discover
@@ -420,6 +428,9 @@ class NumaAdamW(Optimizer):
         self._units: list[_Unit] = []
         self._buffers: list[_Buffer] = []
         self._hooks: list[Any] = []
+        # Gradient hooks live on the parameters, which outlive the optimizer: remove them when it
+        # goes (each construct/destroy cycle over one model used to leave its hooks behind).
+        weakref.finalize(self, _remove_hooks, self._hooks).atexit = False
         self._steps = torch.zeros(0)
         super().__init__(params, defaults)
         self._build()
@@ -459,7 +470,7 @@ class NumaAdamW(Optimizer):
             node = _gpu_node(device)
             return [node if node is not None else memory.default_node()]
         mem = set(memory.memory_nodes())
-        nodes = [n for n in native().worker_nodes() if n in mem]
+        nodes = [n for n in runtime.pool().nodes() if n in mem]
         return nodes or [memory.default_node()]
 
     def _build(self) -> None:
@@ -476,9 +487,7 @@ class NumaAdamW(Optimizer):
                 continue
             old[id(s.param)] = s
             old_steps[id(s.param)] = float(self._steps[i])
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        _remove_hooks(self._hooks)
         params = self._params_in_order()
         device = params[0][1].device if params else None
         is_cuda = device is not None and device.type == "cuda"
@@ -537,16 +546,21 @@ class NumaAdamW(Optimizer):
         def alloc(dt: torch.dtype) -> torch.Tensor:
             return memory.empty(numel, dt, node=node, policy=self._policy, pin=pin)
 
-        master = None
-        if dtype == torch.float32:
-            param = alloc(torch.float32)  # the fp32 parameters are their own master copy
-        else:
-            param = alloc(dtype)
-            if self._master_weights:
-                master = alloc(torch.float32)
-        return _Buffer(node=node, param_dtype=dtype, numel=numel, param=param, master=master,
-                       grad=alloc(dtype), exp_avg=alloc(self._state_dtype),
-                       exp_avg_sq=alloc(self._state_dtype))
+        with_master = dtype != torch.float32 and self._master_weights
+        total = numel * (2 * dtype.itemsize + 2 * self._state_dtype.itemsize + (4 if with_master else 0))
+        # All of the node's buffers under one reservation: another rank allocating at the same
+        # time gets them all or a MemoryError before any (never half of each and two errors).
+        with memory.reserved(total, [node], self._policy):
+            master = None
+            if dtype == torch.float32:
+                param = alloc(torch.float32)  # the fp32 parameters are their own master copy
+            else:
+                param = alloc(dtype)
+                if with_master:
+                    master = alloc(torch.float32)
+            return _Buffer(node=node, param_dtype=dtype, numel=numel, param=param, master=master,
+                           grad=alloc(dtype), exp_avg=alloc(self._state_dtype),
+                           exp_avg_sq=alloc(self._state_dtype))
 
     def _place(self, slot: _Slot, old: _Slot | None) -> None:
         """Copy a parameter, and the state it had in an earlier layout, into its slot."""
@@ -627,14 +641,16 @@ class NumaAdamW(Optimizer):
     def _make_prefetch_hook(self, k: int, unit: _Unit) -> Callable[[torch.Tensor], None]:
         has = self._has_grad
         expected = {j for j in range(unit.first, unit.last) if self._slots[j].param.requires_grad}
+        owner = weakref.ref(self)  # the parameter holds the hook: it must not keep the optimizer alive
 
         def hook(_p: torch.Tensor) -> None:
             has[k] = 1
             unit.prefetched = None  # a later accumulation makes an earlier copy stale
             unit.pending.add(k)
-            if unit.pending >= expected:
+            opt = owner()
+            if unit.pending >= expected and opt is not None:
                 unit.pending.clear()
-                unit.prefetched = self._copies.to_host(self._download_pairs(unit))
+                unit.prefetched = opt._copies.to_host(opt._download_pairs(unit))
 
         return hook
 
@@ -816,7 +832,7 @@ class NumaAdamW(Optimizer):
                 jobs.extend(j)
                 advanced.append((u, stepped))
             with deferred_sigint():  # the update and its step count land together or not at all
-                native().adamw_step(jobs)
+                native().adamw_step(runtime.pool(), jobs)
                 for u, stepped in advanced:
                     self._advance(u, stepped)
             return loss
@@ -838,7 +854,7 @@ class NumaAdamW(Optimizer):
                 for u, h in zip(self._units, handles, strict=True):
                     copies.wait(h)
                     jobs, stepped = self._unit_jobs(u, all_have, hypers)
-                    native().adamw_step(jobs)
+                    native().adamw_step(runtime.pool(), jobs)
                     self._advance(u, stepped)
                     copies.to_device([(self._slots[k].param.detach(), self._slots[k].host_param)
                                       for k in stepped])

@@ -26,9 +26,9 @@ def test_table_lists_every_kernel_and_the_node_matrix(capsys):
         best, median = map(float, line.split()[-2:])
         assert best >= median > 0.1  # GB/s: any real memory system moves more than this
     assert "node-to-node read bandwidth" in out
-    from composer_numa import _C
+    from composer_numa.offload import runtime
 
-    for node in _C.worker_nodes():
+    for node in runtime.pool().nodes():
         assert any(x.startswith(f"cpu {node}") for x in out.splitlines())
 
 
@@ -43,9 +43,9 @@ def test_json_document(capsys):
     assert len(m["gbps_median"]) == len(m["cpu_nodes"])
     assert all(len(row) == len(m["mem_nodes"]) and all(v > 0.1 for v in row)
                for row in m["gbps_median"])
-    from composer_numa import _C
+    from composer_numa.offload import runtime
 
-    _C.set_num_threads(0)
+    runtime.reset()
 
 
 @pytest.mark.parametrize("extra,text", [

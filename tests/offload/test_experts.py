@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from composer_numa.offload import memory
+from composer_numa.offload import memory, runtime
 from composer_numa.offload.experts import NumaExperts, _plan
 from composer_numa.offload.native import native
 
@@ -94,7 +94,7 @@ def has_level(level: str) -> bool:
 @pytest.fixture(autouse=True)
 def _default_threads():
     yield
-    native().set_num_threads(0)
+    runtime.reset()
 
 
 # ---------------------------------------------------------------- numerics --
@@ -147,8 +147,8 @@ def test_one_and_two_workers_give_identical_bits(dtype):
     x = torch.randn(200, H).to(dtype)
     results = []
     for n in (1, 2):
-        native().set_num_threads(n)
-        assert native().num_threads() == n
+        runtime.reset(threads=n)
+        assert runtime.pool().size == n
         layer.zero_grad(set_to_none=True)
         xg = x.clone().requires_grad_()
         out = layer(xg, ids, w)
@@ -497,22 +497,22 @@ def test_forward_rejects_bad_input():
 
 def test_native_layer_validates_every_tensor():
     layer = NumaExperts(E, H, I, dtype=torch.float32)
-    impl = layer._impl
+    impl, pool = layer._impl, runtime.pool()
     x, (ids, w) = torch.randn(4, H), routing(4, 2)
     out = torch.empty(4, H)
     w13, w2 = [layer.w13[0].detach()], [layer.w2[0].detach()]
     with pytest.raises(ValueError, match="elements"):
-        impl.forward(x, ids, w, out, [w13[0][:1]], w2)
+        impl.forward(pool, x, ids, w, out, [w13[0][:1]], w2)
     with pytest.raises(ValueError, match="contiguous"):
-        impl.forward(torch.randn(H, 4).t(), ids, w, out, w13, w2)
+        impl.forward(pool, torch.randn(H, 4).t(), ids, w, out, w13, w2)
     with pytest.raises(ValueError, match="int64"):
-        impl.forward(x, ids.int(), w, out, w13, w2)
+        impl.forward(pool, x, ids.int(), w, out, w13, w2)
     with pytest.raises(IndexError, match="expert id"):
-        impl.forward(x, ids * 100, w, out, w13, w2)
+        impl.forward(pool, x, ids * 100, w, out, w13, w2)
     with pytest.raises(ValueError, match="out"):
-        impl.forward(x, ids, w, torch.empty(3, H), w13, w2)
+        impl.forward(pool, x, ids, w, torch.empty(3, H), w13, w2)
     with pytest.raises(ValueError, match="per slice"):
-        impl.forward(x, ids, w, out, w13 * 2, w2)
+        impl.forward(pool, x, ids, w, out, w13 * 2, w2)
 
 
 _dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.int64])
@@ -555,6 +555,7 @@ def test_simd_env_is_read_at_each_call(monkeypatch):
 _GUEST = r'''
 import json, re, psutil, torch
 from composer_numa import NumaExperts, _C
+from composer_numa.offload import runtime
 
 def numa_maps(address):
     with open("/proc/self/numa_maps") as f:
@@ -566,7 +567,7 @@ def numa_maps(address):
                 return {int(n): int(c) * unit for n, c in re.findall(r"\bN(\d+)=(\d+)", rest)}
     return {}
 
-out = {"kernel": _C.experts_kernel("bfloat16"), "workers": [w["node"] for w in _C.workers()]}
+out = {"kernel": _C.experts_kernel("bfloat16"), "workers": [w["node"] for w in runtime.pool().workers()]}
 torch.manual_seed(0)
 E, H, I = 32, 256, 512
 gate, up = torch.randn(E, I, H).bfloat16() * 0.06, torch.randn(E, I, H).bfloat16() * 0.06

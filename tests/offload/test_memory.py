@@ -13,7 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 _C = pytest.importorskip("composer_numa._C", reason="the C++ extension is not built")
 
-from composer_numa.offload import memory  # noqa: E402
+from composer_numa.machine import capacity  # noqa: E402
+from composer_numa.offload import memory, runtime  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 NODE = memory.default_node()
@@ -88,14 +89,50 @@ def test_allocation_loop_does_not_leak():
     assert _rss() - base < 64 << 20  # 40 x 64 MiB were mapped; at most one may linger
 
 
-def test_request_larger_than_the_node_is_a_memory_error_naming_node_size_and_free():
+def test_request_larger_than_the_node_is_a_memory_error_naming_node_size_and_figures():
     with pytest.raises(MemoryError) as e:
         memory.empty(1 << 48, torch.uint8, node=NODE)
     msg = str(e.value)
-    assert f"node {NODE}" in msg and "256.0 TiB" in msg
-    assert re.search(r"the node has \d+\.\d [KMGT]iB free", msg), msg
+    assert f"node {NODE}" in msg and "256.0 TiB" in msg and "\n" not in msg
+    assert re.search(r"the node has \d+\.\d [KMGT]iB available \(\d+\.\d [KMGT]iB free, "
+                     r"\d+\.\d [KMGT]iB total\)", msg), msg
     with pytest.raises(MemoryError):
         memory.empty((1 << 40, 1 << 40), torch.float32, node=NODE)
+    with pytest.raises(MemoryError):  # more bytes than 64 bits count: still one clear MemoryError
+        memory.empty((1 << 62, 1 << 62), torch.float64, node=NODE)
+
+
+def test_capacity_is_asked_of_the_machine_model_under_its_reservation(monkeypatch):
+    # memory.empty asks composer_numa.machine.capacity, holding capacity.reserve while it
+    # checks and while the extension faults the pages in.
+    events = []
+    real_reserve, real_read = capacity.reserve, capacity.read_nodes
+
+    def reserve(nodes, **kw):
+        events.append(("reserve", tuple(nodes)))
+        return real_reserve(nodes, **kw)
+
+    def read_nodes(ids, *a, **kw):
+        events.append(("read", tuple(ids)))
+        out = real_read(ids, *a, **kw)
+        return {n: capacity.NodeMemory(n, m.total, m.free, 1 << 20) for n, m in out.items()}  # 1 MiB left
+
+    monkeypatch.setattr(capacity, "reserve", reserve)
+    monkeypatch.setattr(capacity, "read_nodes", read_nodes)
+    t = memory.empty(1 << 18, torch.uint8, node=NODE)  # 256 KiB fits
+    assert memory.nodes_of(t) == {NODE: (1 << 18) // PAGE}
+    assert events == [("reserve", (NODE,)), ("read", (NODE,))]
+    with pytest.raises(MemoryError, match=f"cannot allocate 2.0 MiB on NUMA node {NODE}.*1.0 MiB available"):
+        memory.empty(2 << 20, torch.uint8, node=NODE)
+
+
+def test_the_native_allocator_checks_only_what_no_machine_can_hold():
+    # _C.alloc maps; capacity is composer_numa.machine.capacity's question. A size no mapping or
+    # machine can hold is still refused at once, without wrapping around.
+    pool = runtime.pool()
+    for nbytes in (2**64 - 4096, 2**63, os.sysconf("SC_PHYS_PAGES") * PAGE * 2):
+        with pytest.raises(MemoryError, match="physical memory"):
+            _C.alloc(pool, nbytes, [NODE], "bind")
 
 
 def test_meminfo_of_the_node():
@@ -104,12 +141,15 @@ def test_meminfo_of_the_node():
     assert info["total_bytes"] >= info["free_bytes"] > 0
     assert info["available_bytes"] >= 0
     assert NODE in memory.memory_nodes()
+    with pytest.raises(ValueError, match="NUMA node 1000 does not exist"):
+        memory.node_meminfo(1000)
 
 
 @pytest.mark.parametrize("kwargs,exc,text", [
     (dict(node=1000), ValueError, "does not exist"),
     (dict(node=5000), ValueError, "out of range"),
     (dict(node=-1), ValueError, "out of range"),
+    (dict(node=2**31), ValueError, "out of range"),
     (dict(node=1.5), TypeError, "ints"),
     (dict(policy="local"), ValueError, "unknown memory policy"),
     (dict(node=[NODE, NODE], policy="bind"), ValueError, "one node"),
@@ -125,6 +165,17 @@ def test_bad_nodes_and_policies(kwargs, exc, text):
 def test_bad_shapes(shape, exc):
     with pytest.raises(exc):
         memory.empty(shape)
+
+
+@pytest.mark.parametrize("bad,exc,text", [
+    ([1, 2, 3], TypeError, "zero_ needs a torch.Tensor, got list"),
+    (torch.ones(4, 4).t(), ValueError, "contiguous"),
+    (torch.ones(4, device="meta"), ValueError, "dense CPU tensor"),
+])
+def test_zero_refuses_what_it_cannot_zero_in_one_line(bad, exc, text):
+    with pytest.raises(exc, match=text) as e:
+        memory.zero_(bad)
+    assert "\n" not in str(e.value)
 
 
 def test_unsupported_dtype():
@@ -146,7 +197,7 @@ def test_pin_without_cuda_warns_and_returns_a_usable_tensor(monkeypatch):
 
 def test_native_pin_failure_is_reported_not_raised():
     # Whether or not a CUDA runtime is loaded, pinning must fail softly here.
-    capsule, pinned, why = _C.alloc(1 << 20, [NODE], "bind", True)
+    capsule, pinned, why = _C.alloc(runtime.pool(), 1 << 20, [NODE], "bind", True)
     t = torch.from_dlpack(capsule)
     if not torch.cuda.is_available():
         assert not pinned and why
@@ -169,7 +220,7 @@ def test_nodes_of_ordinary_tensors_and_unfaulted_pages():
     counts = memory.nodes_of(t)
     assert sum(v for k, v in counts.items() if k >= 0) >= (4 << 20) // PAGE - 1
     # fresh, untouched anonymous memory: counted under -1
-    capsule, _, _ = _C.alloc(8 << 20, [NODE], "bind", False, False)
+    capsule, _, _ = _C.alloc(runtime.pool(), 8 << 20, [NODE], "bind", False, False)
     raw = torch.from_dlpack(capsule)
     assert memory.nodes_of(raw).get(-1, 0) == (8 << 20) // PAGE
     raw[::PAGE].fill_(1)

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from composer_numa import NumaAdamW, memory  # noqa: E402
+from composer_numa.offload import runtime  # noqa: E402
 from composer_numa.offload.optim import fused_adamw_  # noqa: E402
 
 SHAPES = [(1,), (0,), (7,), (15,), (16,), (17,), (31, 3), (64, 33), (5, 0, 2), (1000,), (4099,)]
@@ -68,9 +69,9 @@ def reference64(shapes, steps, hyper, dtype=torch.float32, grad_scale=None):
 @pytest.fixture(autouse=True)
 def default_pool(monkeypatch):
     monkeypatch.delenv("COMPOSER_NUMA_SIMD", raising=False)
-    _C.set_num_threads(0)
+    runtime.reset()
     yield
-    _C.set_num_threads(0)
+    runtime.reset()
 
 
 def make(shapes, dtype=torch.float32, seed=0):
@@ -231,7 +232,7 @@ def test_bf16_rounding_is_round_to_nearest_even_like_torch():
 
 def _trajectory(simd, threads, monkeypatch, **kw):
     monkeypatch.setenv("COMPOSER_NUMA_SIMD", simd)
-    _C.set_num_threads(threads)
+    runtime.reset(threads=threads)
     assert _C.simd_path() == {"avx512": 2, "avx2": 1, "scalar": 0}[simd] or simd != _C.simd_level()
     start = make(SHAPES, kw.pop("dtype", torch.float32))
     ps = [torch.nn.Parameter(p.clone()) for p in start]
@@ -588,6 +589,7 @@ def test_step_rejects_a_gradient_of_the_wrong_shape_or_sparse():
     (dict(master=torch.ones(5, dtype=torch.bfloat16)), TypeError, "master must be float32"),
     (dict(grad=[1.0] * 5), TypeError, "torch.Tensor"),
     (dict(step=0), ValueError, "step"),
+    (dict(step=2**63), ValueError, "step must be an int from 1 to 2\\*\\*63 - 1"),
     (dict(lr=-1.0), ValueError, "learning rate"),
 ])
 def test_fused_adamw_bad_input_is_a_clear_error(bad, exc, text):
@@ -612,7 +614,7 @@ def test_native_kernel_validates_its_tensors(job_fix, text):
     for k, v in job_fix.items():
         job[k] = v
     with pytest.raises(ValueError, match=text):
-        _C.adamw_step([tuple(job)])
+        _C.adamw_step(runtime.pool(), [tuple(job)])
 
 
 _FLOATS = st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int32])

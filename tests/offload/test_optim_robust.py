@@ -258,9 +258,9 @@ class _SignalDuringUpdate:
     def __getattr__(self, name):
         return getattr(self._real, name)
 
-    def adamw_step(self, jobs):
+    def adamw_step(self, pool, jobs):
         signal.raise_signal(signal.SIGINT)
-        return self._real.adamw_step(jobs)
+        return self._real.adamw_step(pool, jobs)
 
 
 @pytest.mark.parametrize("handler", ["default", "user"])

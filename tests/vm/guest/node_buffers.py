@@ -31,11 +31,12 @@ def main() -> int:
     import torch
 
     from composer_numa import _C, NumaAdamW, memory
+    from composer_numa.offload import runtime
 
     out: dict = {"simd": _C.simd_level(), "memory_nodes": memory.memory_nodes()}
-    out["workers"] = [{"cpu": w["cpu"], "node": w["node"]} for w in _C.workers()]
-    out["node_chunk_owners"] = {
-        str(n): sorted(set(_C.chunk_owners(4096, 16, n))) for n in _C.worker_nodes()}
+    pool = runtime.pool()
+    out["workers"] = [{"cpu": w["cpu"], "node": w["node"]} for w in pool.workers()]
+    out["node_chunk_owners"] = {str(n): sorted(set(pool.chunk_owners(4096, 16, n))) for n in pool.nodes()}
 
     placed = {}
     for node in memory.memory_nodes():

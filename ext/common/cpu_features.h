@@ -1,6 +1,9 @@
 // Run-time CPU feature detection, shared by every SIMD kernel's dispatcher.
 #pragma once
+
 #include <string>
+
+#include "common/simd.h"
 
 namespace cnuma {
 
@@ -15,11 +18,14 @@ struct CpuFeatures {
   bool amx_bf16 = false;
 };
 
-// What the running CPU (and the OS, via XCR0) supports.
+// What the running CPU and the OS (XCR0) support; all false off x86.
 const CpuFeatures& cpu_features();
 
-// The widest SIMD path to use: "avx512", "avx2" or "scalar". The environment
-// variable COMPOSER_NUMA_SIMD caps it (tests force each path in turn).
+// The widest path the CPU supports, capped by COMPOSER_NUMA_SIMD (read at every
+// call, so tests can force each path in turn).
+Isa active_isa();
+
+// isa_name(active_isa()): "avx512", "avx2" or "scalar".
 std::string simd_level();
 
 }  // namespace cnuma

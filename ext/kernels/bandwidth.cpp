@@ -1,20 +1,13 @@
-#include "bandwidth.h"
-
-// GCC 12 reports its own _mm512_undefined_* helpers as (maybe-)uninitialized.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
+#include "kernels/bandwidth.h"
 
 #include <chrono>
 #include <memory>
 #include <stdexcept>
 
-#include "adamw.h"
-#include "memory.h"
-#include "workers.h"
-
-#define CNUMA_AVX2 __attribute__((target("avx2,fma")))
-#define CNUMA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#include "common/checked.h"
+#include "common/cpu_features.h"
+#include "common/simd.h"
+#include "runtime/node_buffer.h"
 
 namespace cnuma {
 namespace {
@@ -24,7 +17,7 @@ namespace {
 // explicit full-width version matches the optimizer kernel's accesses, software
 // prefetch included, so the roofline is the best this access pattern achieves.
 template <int Kernel>
-void pass_generic(float* const* a, int64_t b, int64_t e, uint64_t* sink) {
+CNUMA_INLINE void pass_body(float* const* a, int64_t b, int64_t e, uint64_t* sink) {
   // Distinct buffers: __restrict lets the loops vectorise without alias checks.
   float* __restrict x = a[0];
   float* __restrict y = a[1];
@@ -51,37 +44,21 @@ void pass_generic(float* const* a, int64_t b, int64_t e, uint64_t* sink) {
 }
 
 template <int Kernel>
-CNUMA_AVX2 void pass_avx2(float* const* a, int64_t b, int64_t e, uint64_t* sink) {
-  // Distinct buffers: __restrict lets the loops vectorise without alias checks.
-  float* __restrict x = a[0];
-  float* __restrict y = a[1];
-  if constexpr (Kernel == 0) {
-    const uint64_t* __restrict p = reinterpret_cast<const uint64_t*>(x);
-    uint64_t s = 0;
-    for (int64_t i = b / 2; i < e / 2; ++i) s += p[i];
-    *sink += s;
-  } else if constexpr (Kernel == 1) {
-    for (int64_t i = b; i < e; ++i) y[i] = x[i];
-  } else if constexpr (Kernel == 2) {
-    const float* __restrict z = a[2];
-    for (int64_t i = b; i < e; ++i) x[i] = y[i] + 3.0f * z[i];
-  } else {
-    float* __restrict z = a[2];
-    float* __restrict w = a[3];
-    for (int64_t i = b; i < e; ++i) {
-      const float g = x[i] * 0.5f;
-      y[i] += g;
-      z[i] += g;
-      w[i] += g;
-    }
-  }
+void pass_generic(float* const* a, int64_t b, int64_t e, uint64_t* sink) {
+  pass_body<Kernel>(a, b, e, sink);
+}
+
+#if CNUMA_X86
+template <int Kernel>
+CNUMA_TARGET_AVX2 void pass_avx2(float* const* a, int64_t b, int64_t e, uint64_t* sink) {
+  pass_body<Kernel>(a, b, e, sink);
 }
 
 // Full-width explicit AVX-512, the optimizer kernel's access pattern exactly.
 // read and copy walk their chunk as four interleaved sub-streams: one sequential
 // stream per core is bounded by memory latency, not bandwidth.
 template <int Kernel>
-CNUMA_AVX512 void pass_avx512(float* const* a, int64_t b, int64_t e, uint64_t* sink) {
+CNUMA_TARGET_AVX512 void pass_avx512(float* const* a, int64_t b, int64_t e, uint64_t* sink) {
   float* __restrict x = a[0];
   float* __restrict y = a[1];
   float* __restrict z = a[2];
@@ -127,52 +104,58 @@ CNUMA_AVX512 void pass_avx512(float* const* a, int64_t b, int64_t e, uint64_t* s
   }
 }
 
+#endif  // CNUMA_X86
+
 using PassFn = void (*)(float* const*, int64_t, int64_t, uint64_t*);
 
 template <int Kernel>
-PassFn pick(int simd) {
-  return simd >= 2 ? &pass_avx512<Kernel> : simd == 1 ? &pass_avx2<Kernel> : &pass_generic<Kernel>;
+PassFn pick(Isa isa) {
+#if CNUMA_X86
+  if (isa == Isa::Avx512) return &pass_avx512<Kernel>;
+  if (isa == Isa::Avx2) return &pass_avx2<Kernel>;
+#endif
+  (void)isa;
+  return &pass_generic<Kernel>;
 }
 
 }  // namespace
 
-BandwidthResult measure_bandwidth(const std::string& kernel, int64_t elements, int cpu_node,
+BandwidthResult measure_bandwidth(Pool& pool, const std::string& kernel, int64_t elements, int cpu_node,
                                   int mem_node, int passes) {
   int k, arrays, streams;
   if (kernel == "read") k = 0, arrays = 1, streams = 1;
   else if (kernel == "copy") k = 1, arrays = 2, streams = 2;
   else if (kernel == "triad") k = 2, arrays = 3, streams = 3;
   else if (kernel == "adamw") k = 3, arrays = 4, streams = 7;
-  else throw std::invalid_argument("unknown bandwidth kernel '" + kernel +
+  else throw std::invalid_argument("unknown bandwidth kernel '" + kernel.substr(0, 40) +
                                    "' (expected read, copy, triad or adamw)");
   if (elements < 1024) throw std::invalid_argument("bandwidth probe needs >= 1024 elements");
   if (passes < 1) throw std::invalid_argument("bandwidth probe needs >= 1 pass");
-  elements = (elements + 15) / 16 * 16;
+  elements = checked_round_up(elements, int64_t{16}, "the bandwidth probe's arrays");
+  const int64_t array_bytes = checked_mul(elements, 4, "the bandwidth probe's arrays");
+  const int64_t bytes_per_pass = checked_mul({array_bytes, streams}, "the bandwidth probe's traffic");
+  checked_mul(array_bytes, arrays, "the bandwidth probe's arrays");
 
   std::vector<std::unique_ptr<NodeBuffer>> bufs;
   std::vector<float*> ptrs;
   for (int i = 0; i < arrays; ++i) {
-    bufs.push_back(NodeBuffer::allocate(static_cast<size_t>(elements) * 4, {mem_node},
-                                        Policy::Bind));
+    bufs.push_back(NodeBuffer::allocate(&pool, to_size(array_bytes, "an array"), {mem_node}, Policy::Bind));
     ptrs.push_back(static_cast<float*>(bufs.back()->data()));
   }
   ptrs.resize(4, nullptr);  // the kernels name four arrays; unused ones stay null
-  const int simd = simd_path();
-  const PassFn fn = k == 0 ? pick<0>(simd) : k == 1 ? pick<1>(simd) : k == 2 ? pick<2>(simd)
-                                                                            : pick<3>(simd);
-  const int nthreads = num_threads();
+  const Isa isa = active_isa();
+  const PassFn fn = k == 0 ? pick<0>(isa) : k == 1 ? pick<1>(isa) : k == 2 ? pick<2>(isa) : pick<3>(isa);
+  const int nthreads = pool.size();
   std::vector<uint64_t> sinks(static_cast<size_t>(nthreads) * 8, 0);  // a cache line each
   float* const* a = ptrs.data();
-  std::vector<NodeTask> tasks;
-  tasks.push_back({cpu_node, elements, 16, [&](int64_t b, int64_t e, int w) {
-                     fn(a, b, e, &sinks[static_cast<size_t>(w) * 8]);
-                   }});
-  BandwidthResult r{kernel, cpu_node, mem_node, 0, elements * 4 * streams, {}};
-  for (const WorkerInfo& w : workers()) r.threads += w.node == cpu_node;
+  const std::vector<NodeTask> tasks = {
+      {cpu_node, elements, 16, [&](int64_t b, int64_t e, int w) { fn(a, b, e, &sinks[static_cast<size_t>(w) * 8]); }}};
+  BandwidthResult r{kernel, cpu_node, mem_node, 0, bytes_per_pass, {}};
+  for (const WorkerSlot& s : pool.slots()) r.threads += s.node == cpu_node;
   if (r.threads == 0) r.threads = nthreads;
   for (int p = 0; p < passes; ++p) {
     const auto t0 = std::chrono::steady_clock::now();
-    run_on_nodes(tasks);
+    pool.run_on_nodes(tasks);
     const auto t1 = std::chrono::steady_clock::now();
     r.seconds.push_back(std::chrono::duration<double>(t1 - t0).count());
   }

@@ -1,13 +1,17 @@
-#include "cpu_features.h"
+#include "common/cpu_features.h"
 
-#include <cpuid.h>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
+#if CNUMA_X86
+#include <cpuid.h>
+#endif
+
 namespace cnuma {
 namespace {
 
+#if CNUMA_X86
 uint64_t xgetbv0() {
   uint32_t eax, edx;
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
@@ -40,25 +44,37 @@ CpuFeatures detect() {
   f.avx512bf16 = os_avx512 && (a1 & (1u << 5));
   return f;
 }
+#else
+CpuFeatures detect() { return CpuFeatures{}; }
+#endif
+
+// The cap COMPOSER_NUMA_SIMD names; -1 for a name this architecture has no path
+// for (it is ignored: composer_numa.offload.native warns about unknown names).
+int rank_of(const char* name) {
+  if (std::strcmp(name, "avx512") == 0) return 2;
+  if (std::strcmp(name, "avx2") == 0) return 1;
+  if (std::strcmp(name, "scalar") == 0) return 0;
+  return -1;
+}
 
 }  // namespace
 
 const CpuFeatures& cpu_features() {
-  static const CpuFeatures f = detect();
+  static const CpuFeatures f = detect();  // immutable facts about the CPU, computed once
   return f;
 }
 
-std::string simd_level() {
+Isa active_isa() {
   const CpuFeatures& f = cpu_features();
-  std::string best = "scalar";
-  if (f.avx2 && f.fma) best = "avx2";
-  if (f.avx512f && f.avx512bw && f.avx512vl && f.fma) best = "avx512";
+  Isa best = Isa::Scalar;
+  if (f.avx2 && f.fma) best = Isa::Avx2;
+  if (f.avx512f && f.avx512bw && f.avx512vl && f.fma) best = Isa::Avx512;
   const char* cap = std::getenv("COMPOSER_NUMA_SIMD");
   if (cap == nullptr || *cap == '\0') return best;
-  auto rank = [](const std::string& s) { return s == "avx512" ? 2 : s == "avx2" ? 1 : s == "scalar" ? 0 : -1; };
-  const std::string want(cap);
-  if (rank(want) < 0) return best;  // not a level: ignored (Python warns setting-ignored once)
-  return rank(want) < rank(best) ? want : best;
+  const int want = rank_of(cap);
+  return want >= 0 && want < static_cast<int>(best) ? static_cast<Isa>(want) : best;
 }
+
+std::string simd_level() { return isa_name(active_isa()); }
 
 }  // namespace cnuma

@@ -13,23 +13,23 @@
 // whole experts, `replicate` every expert whole on each node with the rows
 // divided between the copies. Partial outputs are summed over slices in fp32,
 // always in slice order, so results do not depend on the number of threads.
+//
+// Files: layer.cpp (this class), forward.cpp, backward.cpp, routing.{h,cpp}
+// (tokens grouped by expert; the phase scheduler), microkernels.h and
+// dispatch.cpp (work items and the kernel path), vector.h/generic.h (16-lane
+// primitives and kernels compiled per ISA), scalar/avx2/avx512/amx.cpp.
 #pragma once
 
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
-namespace nanobind {
-class module_;
-}
+#include "runtime/fork_safe_mutex.h"
+#include "runtime/pool.h"
 
 namespace cnuma {
 class NodeBuffer;
-
-// Adds the Experts class and experts_kernel() to the extension module.
-void register_experts(nanobind::module_& m);
 
 namespace experts {
 
@@ -65,11 +65,14 @@ struct SliceData {
 };
 
 // Which kernels a call uses: "avx512" (with "+bf16dot" and "+amx" when used),
-// "avx2" or "scalar", from cnuma::simd_level() and COMPOSER_NUMA_AMX=0.
+// "avx2" or "scalar", from cnuma::active_isa() and COMPOSER_NUMA_AMX=0.
 std::string kernel_name(DType dtype);
 
 class Experts {
  public:
+  // Checks the layer and slices (std::invalid_argument), every size with
+  // overflow-checked arithmetic: a layer whose weights cannot be counted in
+  // int64 bytes is rejected here, before anything is allocated.
   Experts(const Layer& layer, std::vector<Slice> slices);
   ~Experts();
   Experts(const Experts&) = delete;
@@ -82,23 +85,27 @@ class Experts {
   int64_t w2_elements(size_t slice) const;
 
   // x: [tokens][hidden] in the layer's dtype; ids: [tokens][k] int64; weights:
-  // [tokens][k] fp32; out: [tokens][hidden] in the layer's dtype.
-  void forward(const void* x, int64_t tokens, const int64_t* ids, const float* weights, int64_t k,
+  // [tokens][k] fp32; out: [tokens][hidden] in the layer's dtype. Runs on the
+  // workers of `pool` (each slice's items on the workers of its node).
+  void forward(Pool& pool, const void* x, int64_t tokens, const int64_t* ids, const float* weights, int64_t k,
                void* out, const std::vector<SliceData>& data);
 
   // dout, x: [tokens][hidden] in the layer's dtype; dx: same; dweights: [tokens][k]
   // fp32; data[p].save_* as filled by forward. The weight gradients are written
   // (every element, zero for experts without tokens), or skipped when grad13 or
   // grad2 is null.
-  void backward(const void* dout, const void* x, int64_t tokens, const int64_t* ids,
-                const float* weights, int64_t k, const std::vector<SliceData>& data, void* dx,
-                float* dweights);
+  void backward(Pool& pool, const void* dout, const void* x, int64_t tokens, const int64_t* ids,
+                const float* weights, int64_t k, const std::vector<SliceData>& data, void* dx, float* dweights);
 
  private:
+  // Scratch of slice p, at least `bytes`, node-local, grown on demand.
+  void* scratch(Pool& pool, size_t p, int64_t bytes);
+
   Layer layer_;
   std::vector<Slice> slices_;
-  std::mutex mu_;  // one call at a time per layer: the scratch buffers are reused
-  std::vector<std::unique_ptr<NodeBuffer>> scratch_;  // per slice, node-local, grown on demand
+  std::vector<int64_t> held_;   // experts each slice holds
+  ForkSafeMutex mu_;            // one call at a time per layer: the scratch buffers are reused
+  std::vector<std::unique_ptr<NodeBuffer>> scratch_;  // per slice
 };
 
 }  // namespace experts

@@ -1,62 +1,27 @@
 // Built with -ffp-contract=off: the only fused multiply-adds are the explicit
-// ones where torch's CPU kernels use them (lerp, addcmul), so every path rounds identically and thread count, SIMD
-// width and tail handling never change a bit.
-#include "adamw.h"
-
-// GCC 12 reports its own _mm512_undefined_* helpers as maybe-uninitialized.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
+// ones where torch's CPU kernels use them (lerp, addcmul), so every path rounds
+// identically and thread count, SIMD width and tail handling never change a bit.
+#include "kernels/adamw.h"
 
 #include <cmath>
-#include <cstring>
 #include <stdexcept>
-#include <string>
 
-#include "cpu_features.h"
-#include "workers.h"
-
-#define CNUMA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
-#define CNUMA_AVX2 __attribute__((target("avx2,fma")))
+#include "common/bf16.h"
+#include "common/cpu_features.h"
 
 namespace cnuma {
-
-uint16_t float_to_bf16(float f) {
-  if (std::isnan(f)) return 0x7fc0;
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
 namespace {
-
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 template <DType D>
 inline float load1(const void* p, int64_t i) {
   if constexpr (D == DType::F32) return static_cast<const float*>(p)[i];
-  else return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+  else return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
 }
 
 template <DType D>
 inline void store1(void* p, int64_t i, float x) {
   if constexpr (D == DType::F32) static_cast<float*>(p)[i] = x;
-  else static_cast<uint16_t*>(p)[i] = float_to_bf16(x);
-}
-
-// Software prefetch distance, in elements. The hardware prefetchers alone left
-// ~15 % of the bandwidth unused on Sapphire Rapids with four read streams;
-// 512-1024 elements ahead measured best. Prefetches never fault.
-constexpr int64_t kPrefetch = 512;
-
-template <DType D>
-inline const char* ahead(const void* p, int64_t i) {
-  return static_cast<const char*>(p) + (i + kPrefetch) * (D == DType::F32 ? 4 : 2);
+  else static_cast<uint16_t*>(p)[i] = f32_to_bf16(x);
 }
 
 // The reference element update; the SIMD bodies below are this, lane-wise.
@@ -86,34 +51,35 @@ void run_scalar(const AdamWJob& j, int64_t b, int64_t e) {
   for (int64_t i = b; i < e; ++i) update1<P, G, S, M>(j, i, small);
 }
 
+#if CNUMA_X86
+
+// Software prefetch distance, in elements. The hardware prefetchers alone left
+// ~15 % of the bandwidth unused on Sapphire Rapids with four read streams;
+// 512-1024 elements ahead measured best. Prefetches never fault.
+constexpr int64_t kPrefetch = 512;
+
+template <DType D>
+inline const char* ahead(const void* p, int64_t i) {
+  return static_cast<const char*>(p) + (i + kPrefetch) * (D == DType::F32 ? 4 : 2);
+}
+
 // ---------------------------------------------------------------- AVX2 ----
 
-CNUMA_AVX2 inline __m256 ld8(const void* p, int64_t i, DType d) {
+CNUMA_TARGET_AVX2 inline __m256 ld8(const void* p, int64_t i, DType d) {
   if (d == DType::F32) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
-      static_cast<const uint16_t*>(p) + i));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return bf16x8_to_f32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
 }
 
-CNUMA_AVX2 inline __m128i to_bf16x8(__m256 x) {
-  const __m256i u = _mm256_castps_si256(x);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
-  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8));
-}
-
-CNUMA_AVX2 inline void st8(void* p, int64_t i, __m256 x, DType d) {
+CNUMA_TARGET_AVX2 inline void st8(void* p, int64_t i, __m256 x, DType d) {
   if (d == DType::F32) {
     _mm256_storeu_ps(static_cast<float*>(p) + i, x);
     return;
   }
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), to_bf16x8(x));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), f32x8_to_bf16(x));
 }
 
 template <DType P, DType G, DType S, bool M>
-CNUMA_AVX2 void run_avx2(const AdamWJob& j, int64_t b, int64_t e) {
+CNUMA_TARGET_AVX2 void run_avx2(const AdamWJob& j, int64_t b, int64_t e) {
   const AdamWScalars& s = j.s;
   const bool small = std::fabs(s.lerp_weight) < 0.5f;
   const __m256 factor = _mm256_set1_ps(s.grad_factor), decay = _mm256_set1_ps(s.decay);
@@ -140,7 +106,7 @@ CNUMA_AVX2 void run_avx2(const AdamWJob& j, int64_t b, int64_t e) {
     p = _mm256_add_ps(p, _mm256_div_ps(_mm256_mul_ps(nss, m), denom));
     if (M) _mm256_storeu_ps(j.master + i, p);
     if (stream)
-      _mm_stream_si128(reinterpret_cast<__m128i*>(p16 + i), to_bf16x8(p));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p16 + i), f32x8_to_bf16(p));
     else
       st8(j.param, i, p, P);
     st8(j.exp_avg, i, m, S);
@@ -152,32 +118,21 @@ CNUMA_AVX2 void run_avx2(const AdamWJob& j, int64_t b, int64_t e) {
 
 // ------------------------------------------------------------- AVX-512 ----
 
-CNUMA_AVX512 inline __m512 ld16(const void* p, int64_t i, __mmask16 k, DType d) {
+CNUMA_TARGET_AVX512 inline __m512 ld16(const void* p, int64_t i, __mmask16 k, DType d) {
   if (d == DType::F32) return _mm512_maskz_loadu_ps(k, static_cast<const float*>(p) + i);
-  const __m256i h = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return bf16x16_to_f32(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i));
 }
 
-// Integer rounding rather than vcvtneps2bf16, which flushes denormals.
-CNUMA_AVX512 inline __m256i to_bf16x16(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
-CNUMA_AVX512 inline void st16(void* p, int64_t i, __m512 x, __mmask16 k, DType d) {
+CNUMA_TARGET_AVX512 inline void st16(void* p, int64_t i, __m512 x, __mmask16 k, DType d) {
   if (d == DType::F32) {
     _mm512_mask_storeu_ps(static_cast<float*>(p) + i, k, x);
     return;
   }
-  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, k, to_bf16x16(x));
+  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, k, f32x16_to_bf16(x));
 }
 
 template <DType P, DType G, DType S, bool M>
-CNUMA_AVX512 void run_avx512(const AdamWJob& j, int64_t b, int64_t e) {
+CNUMA_TARGET_AVX512 void run_avx512(const AdamWJob& j, int64_t b, int64_t e) {
   const AdamWScalars& s = j.s;
   const bool small = std::fabs(s.lerp_weight) < 0.5f;
   const __m512 factor = _mm512_set1_ps(s.grad_factor), decay = _mm512_set1_ps(s.decay);
@@ -207,7 +162,7 @@ CNUMA_AVX512 void run_avx512(const AdamWJob& j, int64_t b, int64_t e) {
     p = _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(nss, m), denom));
     if (M) _mm512_mask_storeu_ps(j.master + i, k, p);
     if (stream && left >= 16)
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p16 + i), to_bf16x16(p));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p16 + i), f32x16_to_bf16(p));
     else
       st16(j.param, i, p, k, P);
     st16(j.exp_avg, i, m, k, S);
@@ -216,51 +171,52 @@ CNUMA_AVX512 void run_avx512(const AdamWJob& j, int64_t b, int64_t e) {
   if (stream) _mm_sfence();  // streamed stores visible before the pool reports completion
 }
 
+#endif  // CNUMA_X86
+
 // ------------------------------------------------------------ dispatch ----
 
 using RangeFn = void (*)(const AdamWJob&, int64_t, int64_t);
 
 template <DType P, DType G, DType S, bool M>
-RangeFn pick(int simd) {
-  if (simd >= 2) return &run_avx512<P, G, S, M>;
-  if (simd == 1) return &run_avx2<P, G, S, M>;
+RangeFn pick(Isa isa) {
+#if CNUMA_X86
+  if (isa == Isa::Avx512) return &run_avx512<P, G, S, M>;
+  if (isa == Isa::Avx2) return &run_avx2<P, G, S, M>;
+#endif
+  (void)isa;
   return &run_scalar<P, G, S, M>;
 }
 
 template <DType P, DType G, DType S>
-RangeFn pick_m(bool master, int simd) {
-  return master ? pick<P, G, S, true>(simd) : pick<P, G, S, false>(simd);
+RangeFn pick_m(bool master, Isa isa) {
+  return master ? pick<P, G, S, true>(isa) : pick<P, G, S, false>(isa);
 }
 
 template <DType P, DType G>
-RangeFn pick_s(DType s, bool master, int simd) {
-  return s == DType::F32 ? pick_m<P, G, DType::F32>(master, simd)
-                         : pick_m<P, G, DType::BF16>(master, simd);
+RangeFn pick_s(DType s, bool master, Isa isa) {
+  return s == DType::F32 ? pick_m<P, G, DType::F32>(master, isa) : pick_m<P, G, DType::BF16>(master, isa);
 }
 
 template <DType P>
-RangeFn pick_g(DType g, DType s, bool master, int simd) {
-  return g == DType::F32 ? pick_s<P, DType::F32>(s, master, simd)
-                         : pick_s<P, DType::BF16>(s, master, simd);
+RangeFn pick_g(DType g, DType s, bool master, Isa isa) {
+  return g == DType::F32 ? pick_s<P, DType::F32>(s, master, isa) : pick_s<P, DType::BF16>(s, master, isa);
 }
 
-RangeFn kernel_for(const AdamWJob& j, int simd) {
-  return j.param_dtype == DType::F32
-             ? pick_g<DType::F32>(j.grad_dtype, j.state_dtype, j.master != nullptr, simd)
-             : pick_g<DType::BF16>(j.grad_dtype, j.state_dtype, j.master != nullptr, simd);
+RangeFn kernel_for(const AdamWJob& j, Isa isa) {
+  return j.param_dtype == DType::F32 ? pick_g<DType::F32>(j.grad_dtype, j.state_dtype, j.master != nullptr, isa)
+                                     : pick_g<DType::BF16>(j.grad_dtype, j.state_dtype, j.master != nullptr, isa);
 }
 
 void check(const AdamWJob& j) {
   if (j.n < 0) throw std::invalid_argument("adamw: negative element count");
-  if (j.n > 0 && (j.param == nullptr || j.grad == nullptr || j.exp_avg == nullptr ||
-                  j.exp_avg_sq == nullptr))
+  if (j.n > 0 && (j.param == nullptr || j.grad == nullptr || j.exp_avg == nullptr || j.exp_avg_sq == nullptr))
     throw std::invalid_argument("adamw: null tensor pointer");
 }
 
 }  // namespace
 
-AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps,
-                           double weight_decay, int64_t step, double grad_scale, bool maximize) {
+AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                           double grad_scale, bool maximize) {
   if (step < 1) throw std::invalid_argument("adamw: step must be >= 1");
   const double s = static_cast<double>(step);
   const double bias_correction1 = 1.0 - std::pow(beta1, s);
@@ -278,29 +234,24 @@ AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps,
   return out;
 }
 
-int simd_path() {
-  const std::string level = simd_level();
-  return level == "avx512" ? 2 : level == "avx2" ? 1 : 0;
-}
-
-void adamw_range(const AdamWJob& job, int64_t begin, int64_t end, int simd) {
+void adamw_range(const AdamWJob& job, int64_t begin, int64_t end, Isa isa) {
   check(job);
   if (begin < 0 || end > job.n || begin >= end) return;
-  kernel_for(job, simd)(job, begin, end);
+  kernel_for(job, isa)(job, begin, end);
 }
 
-void adamw_step(const std::vector<AdamWJob>& jobs) {
-  const int simd = simd_path();
+void adamw_step(Pool& pool, const std::vector<AdamWJob>& jobs) {
+  const Isa isa = active_isa();
   std::vector<NodeTask> tasks;
   tasks.reserve(jobs.size());
   for (const AdamWJob& j : jobs) {
     check(j);
     if (j.n == 0) continue;
-    const RangeFn fn = kernel_for(j, simd);
+    const RangeFn fn = kernel_for(j, isa);
     const AdamWJob* jp = &j;
     tasks.push_back({j.node, j.n, 16, [fn, jp](int64_t b, int64_t e, int) { fn(*jp, b, e); }});
   }
-  run_on_nodes(tasks);
+  pool.run_on_nodes(tasks);
 }
 
 }  // namespace cnuma

@@ -1,10 +1,13 @@
 // Fused AdamW: one streaming pass per element (grad, m, v, param in; param,
 // m, v out) with torch.optim.AdamW's operations in torch's order, in AVX-512,
-// AVX2 and scalar versions that give identical bits, run on the pinned workers.
+// AVX2 and scalar versions that give identical bits, run on a worker pool.
 #pragma once
 
 #include <cstdint>
 #include <vector>
+
+#include "common/simd.h"
+#include "runtime/pool.h"
 
 namespace cnuma {
 
@@ -23,14 +26,15 @@ struct AdamWScalars {
   float grad_factor;            // grad_scale, negated for maximize
 };
 
-AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps,
-                           double weight_decay, int64_t step, double grad_scale, bool maximize);
+// std::invalid_argument for step < 1.
+AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                           double grad_scale, bool maximize);
 
 // One contiguous run of elements sharing hyper-parameters.
 struct AdamWJob {
-  int node = -1;             // run on this node's workers (-1: any)
+  int node = -1;            // run on this node's workers (-1: any)
   int64_t n = 0;
-  float* master = nullptr;   // fp32 master weights; param is then a (bf16) copy written out
+  float* master = nullptr;  // fp32 master weights; param is then a (bf16) copy written out
   void* param = nullptr;
   DType param_dtype = DType::F32;
   const void* grad = nullptr;
@@ -41,17 +45,10 @@ struct AdamWJob {
   AdamWScalars s{};
 };
 
-// SIMD path: 2 = AVX-512, 1 = AVX2, 0 = scalar; simd_path() reads
-// cnuma::simd_level() (and so COMPOSER_NUMA_SIMD) at every call.
-int simd_path();
+// Single-threaded: elements [begin, end) of job on the given path.
+void adamw_range(const AdamWJob& job, int64_t begin, int64_t end, Isa isa);
 
-// Single-threaded: elements [begin, end) of job.
-void adamw_range(const AdamWJob& job, int64_t begin, int64_t end, int simd);
-
-// All jobs in one dispatch on the pool; chunks aligned to 16 elements.
-void adamw_step(const std::vector<AdamWJob>& jobs);
-
-// Round-to-nearest-even float -> bfloat16 (NaN -> 0x7fc0), as torch does.
-uint16_t float_to_bf16(float f);
+// All jobs in one dispatch on `pool`, on active_isa()'s path; chunks aligned to 16 elements.
+void adamw_step(Pool& pool, const std::vector<AdamWJob>& jobs);
 
 }  // namespace cnuma
