@@ -166,3 +166,24 @@ def test_the_callback_constructor_only_stores_its_options():
 def test_the_callback_module_stays_small():
     lines = (PACKAGE / "composer" / "callback.py").read_text().splitlines()
     assert len(lines) < 480, len(lines)
+
+
+_REGISTRY_HOSTS = ("pypi.org", "pythonhosted.org", "download.pytorch.org", "deb.debian.org", "security.debian.org",
+                   "archive.ubuntu.com", "registry.npmjs.org", "ghcr.io", "docker.io", "quay.io", "anaconda.org")
+
+
+def test_no_registry_host_is_named():
+    """Packages come from wherever the installer is configured to get them: no host is named."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split()
+    hits = []
+    for rel in listed:
+        path = ROOT / rel
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            continue
+        try:
+            text = path.read_text().lower()
+        except UnicodeDecodeError:
+            continue
+        hits += [f"{rel}: {host}" for host in _REGISTRY_HOSTS if host in text and rel != "tests/test_architecture.py"]
+    assert hits == []

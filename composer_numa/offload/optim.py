@@ -71,6 +71,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from composer_numa.machine import gpus
 from composer_numa.offload import memory, runtime
 from composer_numa.offload.interrupts import deferred_sigint
 from composer_numa.offload.native import native
@@ -316,12 +317,15 @@ def _remove_hooks(handles: list[Any]) -> None:
 
 
 def _gpu_node(device: torch.device) -> int | None:
+    """The NUMA node of a CUDA device, from the runtime's machine model (no second discovery):
+    torch's PCI id of the ordinal when CUDA is initialised, else the model's own GPU order."""
     try:
-        from composer_numa.machine.sysfs import discover
-
-        gpus = discover().gpus
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return gpus[index].numa_node if index < len(gpus) else None
+        model = runtime.machine().gpus
+        bus_ids = gpus.torch_cuda_bus_ids()
+        if bus_ids is not None and index < len(bus_ids):
+            return next((g.numa_node for g in model if g.pci_bus_id == bus_ids[index]), None)
+        return model[index].numa_node if index < len(model) else None
     except Exception as e:  # noqa: BLE001 - placement is an optimisation, never fatal
         log.warning("could not find the NUMA node of %s (%s); using the rank's node", device, e)
         return None

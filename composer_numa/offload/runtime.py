@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from composer_numa.diagnostics import SETTING_IGNORED, Diagnostic, emit
+from composer_numa.machine.sysfs import discover
 from composer_numa.units import format_cpulist
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -133,8 +134,6 @@ def machine() -> Topology:
     global _machine
     with _lock:
         if _machine is None:
-            from composer_numa.machine.sysfs import discover
-
             _machine = discover()
         return _machine
 

@@ -81,8 +81,31 @@ TOOLCHAIN = HERE / "aarch64-linux-gnu.cmake"
 STANDIN = HERE / "standin"
 
 SUITE = "bookworm"
-MIRROR = os.environ.get("COMPOSER_NUMA_ARM64_MIRROR", "http://deb.debian.org/debian")
-SECURITY_MIRROR = os.environ.get("COMPOSER_NUMA_ARM64_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
+
+
+def _host_mirrors() -> tuple[str, str]:
+    """The Debian archive and security URIs this host's apt already uses (deb822 or one-line
+    sources), so the arm64 root comes from wherever the host gets its packages."""
+    main = security = ""
+    paths = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.sources")),
+             *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]
+    for path in paths:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for uri, suites in re.findall(r"^URIs:\s*(\S+)\s*\nSuites:\s*([^\n]+)", text, flags=re.M) + [
+                (m[0], m[1]) for m in re.findall(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)", text, flags=re.M)]:
+            if f"{SUITE}-security" in suites.split():
+                security = security or uri
+            elif SUITE in suites.split():
+                main = main or uri
+    return main, security
+
+
+_MAIN, _SECURITY = _host_mirrors()
+MIRROR = os.environ.get("COMPOSER_NUMA_ARM64_MIRROR") or _MAIN
+SECURITY_MIRROR = os.environ.get("COMPOSER_NUMA_ARM64_SECURITY_MIRROR") or _SECURITY
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 PY = "3.11"  # bookworm's python3
 SOABI = f"cpython-{PY.replace('.', '')}-aarch64-linux-gnu"
@@ -240,6 +263,9 @@ def unavailable_reason() -> str | None:
             return f"`{tool}` is missing (the arm64 rig needs a Debian or Ubuntu host)"
     if not KEYRING.is_file():
         return f"{KEYRING} is missing (apt-get install debian-archive-keyring)"
+    if not MIRROR or not SECURITY_MIRROR:
+        return (f"this host's apt sources name no Debian {SUITE} archive (set COMPOSER_NUMA_ARM64_MIRROR "
+                "and COMPOSER_NUMA_ARM64_SECURITY_MIRROR)")
     if _emulated() and not shutil.which("qemu-aarch64-static") and not Path("/proc/sys/fs/binfmt_misc").exists():
         return "no binfmt_misc in this kernel (/proc/sys/fs/binfmt_misc is missing)"
     return None
