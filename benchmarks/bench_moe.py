@@ -16,8 +16,14 @@ alternating which goes first, and the table shows medians. Decode is T = 1, 8, 6
 It also prints resident memory for ``split``: the process's RSS growth while the
 layer is built, and the resident pages of its buffers, against the weights' size.
 
+With ``--quant int8,int4`` (the default) the same routings also run frozen quantized layers
+(``NumaExperts.from_dense(..., weight_dtype=...)``: int8 per row, int4 in groups of 128), with a
+second table: quantized bytes touched, their roofline, time, ratio against bf16 NumaExperts and the
+loop, and the error against the bf16 weights' output.
+
     python benchmarks/bench_moe.py                 # the default layer, about 2 minutes
     python benchmarks/bench_moe.py --repeats 5 --tokens 1,512
+    python benchmarks/bench_moe.py --quant none    # bf16 only
 """
 
 from __future__ import annotations
@@ -85,6 +91,8 @@ def main(argv=None) -> int:
     ap.add_argument("--placement", default="split", choices=["split", "by-expert", "replicate"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pause-ms", type=float, default=20.0, help="idle time before each timed call")
+    ap.add_argument("--quant", default="int8,int4", help="quantized layers to add: int8, int4 (groups of 128) "
+                    "or none")
     args = ap.parse_args(argv)
     E, H, I, K = args.experts, args.hidden, args.intermediate, args.top_k  # noqa: E741
     dtype = torch.bfloat16
@@ -116,6 +124,15 @@ def main(argv=None) -> int:
         for n in nodes:
             samples[n].append(_read_bandwidth_gbps(n, elements=1 << 26, passes=3))
 
+    quant_names = [] if args.quant == "none" else [q for q in args.quant.split(",") if q]
+    for q in quant_names:
+        if q not in ("int8", "int4"):
+            print(f"--quant: unknown format {q!r} (int8, int4 or none)")
+            return 2
+    quant = {q: NumaExperts.from_dense(gate, up, down, placement=args.placement, weight_dtype=q,
+                                       group_size=128 if q == "int4" else None) for q in quant_names}
+    if quant:
+        print("quantized kernel: " + c.quant_experts_kernel())
     sample_bandwidth()
     weight_bytes = layer.weight_bytes
     per_expert = 3 * H * I * 2
@@ -123,6 +140,7 @@ def main(argv=None) -> int:
               f"{'torch loop':>10} {'speed-up':>8}")
 
     measured = []
+    quant_measured = []
 
     def loop_fn(x, ids, w):
         return torch_moe_loop(x, ids, w, gate, up, down)
@@ -140,14 +158,19 @@ def main(argv=None) -> int:
             if not err < 2e-2:
                 print(f"T={T}: NumaExperts and the PyTorch loop disagree (relative error {err:.3g})")
                 return 1
-            # Alternate the two per repeat so that both see the same machine (it may be shared).
+            qerr = {q: ((ql(*calls[0]).float() - want.float()).norm() / want.float().norm()).item()
+                    for q, ql in quant.items()}
+            # Rotate the order per repeat so that all see the same machine (it may be shared).
             t_loop, t_numa = [], []
+            t_quant: dict[str, list[float]] = {q: [] for q in quant}
+            runs = [(t_loop, loop_fn), (t_numa, layer)] + [(t_quant[q], ql) for q, ql in quant.items()]
             for i, call in enumerate(calls[1:]):
-                order = ((t_loop, loop_fn), (t_numa, layer)) if i % 2 else ((t_numa, layer), (t_loop, loop_fn))
-                for times, fn in order:
+                for j in range(len(runs)):
+                    times, fn = runs[(i + j) % len(runs)]
                     times.extend(timed(fn, [call], args.pause_ms / 1e3))
         touched = [ids.unique().numel() * per_expert for _, ids, _ in calls[1:]]
         measured.append((T, touched, t_numa, t_loop))
+        quant_measured.append((T, [ids.unique().numel() for _, ids, _ in calls[1:]], t_quant, qerr))
         sample_bandwidth()
 
     # The machine may be shared: the roofline uses the best bandwidth seen during
@@ -172,6 +195,27 @@ def main(argv=None) -> int:
         print(f"{T:>5} {active:>6.0f} {fmt_mb(statistics.median(touched)):>11} "
               f"{statistics.median(roof) * 1e3:>7.2f}ms {numa * 1e3:>9.2f}ms {frac * 100:>10.0f}% "
               f"{loop * 1e3:>8.2f}ms {loop / numa:>7.2f}x")
+
+    if quant:
+        print()
+        qheader = (f"{'T':>5} {'format':>8} {'touched':>11} {'roofline':>9} {'time':>9} {'of roofline':>11} "
+                   f"{'vs bf16':>8} {'vs loop':>8} {'err vs bf16 weights':>19}")
+        print(qheader)
+        print("-" * len(qheader))
+        for (T, active, t_quant, qerr), (_, numa, loop, _) in zip(quant_measured, rows, strict=True):
+            for q, ql in quant.items():
+                qexpert = ql.weight_bytes // E
+                qt = statistics.median(t_quant[q])
+                qroof = [a * qexpert / (gbps * 1e9) for a in active]
+                frac = statistics.median(r / t for r, t in zip(qroof, t_quant[q], strict=True))
+                print(f"{T:>5} {q:>8} {fmt_mb(statistics.median(active) * qexpert):>11} "
+                      f"{statistics.median(qroof) * 1e3:>7.2f}ms {qt * 1e3:>7.2f}ms {frac * 100:>10.0f}% "
+                      f"{numa / qt:>7.2f}x {loop / qt:>7.2f}x {qerr[q]:>19.4f}")
+        for q, ql in quant.items():
+            r = ql.report(top_k=K, bandwidth_gbps=bw)
+            res = sum(r.resident_bytes_per_node.values())
+            print(f"memory {q} ({args.placement}): weights + scales {fmt_mb(ql.weight_bytes)}; buffers "
+                  f"{fmt_mb(res)} resident ({res / ql.weight_bytes:.3f}x)")
 
     print()
     print(f"memory ({args.placement}): weights {fmt_mb(weight_bytes)}; RSS grew {fmt_mb(grown)} "

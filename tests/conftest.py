@@ -53,6 +53,23 @@ def _vm_asked_for(config: pytest.Config) -> bool:
     return False
 
 
+#: Whole files that must pass on aarch64 too (pure Python: planner, discovery, reports, the CLI's report
+#: and process checks); ``harness.py test`` runs ``-m arm64`` under qemu-user emulation. Tests elsewhere
+#: (the extension's kernels) carry ``@pytest.mark.arm64`` themselves.
+_ARM64_FILES = ("test_plan.py", "machine/", "report/", "cli/test_cli.py")
+_TESTS_DIR = Path(__file__).resolve().parent
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Marks the tests of ``_ARM64_FILES`` (before ``-m`` selects, which happens after collection)."""
+    path = Path(str(item.path)).resolve()
+    if _TESTS_DIR not in path.parents:
+        return
+    rel = path.relative_to(_TESTS_DIR).as_posix()
+    if any(rel == f or (f.endswith("/") and rel.startswith(f)) for f in _ARM64_FILES):
+        item.add_marker(pytest.mark.arm64)
+
+
 @pytest.hookimpl(trylast=True)  # after tests/vm/conftest.py has marked its tests
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _vm_asked_for(config):

@@ -38,80 +38,25 @@ import torch
 from torch import nn
 
 from composer_numa.diagnostics import NODE_MEMORY_INSUFFICIENT, Diagnostic, emit
-from composer_numa.machine import capacity, procfs
 from composer_numa.offload import hf, memory, runtime
+from composer_numa.offload.expert_layout import (  # noqa: F401  (_plan, _Slice: tested here)
+    _ALIGN,
+    _BLOCK,
+    _DTYPES,
+    PLACEMENTS,
+    _check_size,
+    _local_index,
+    _plan,
+    _round_up,
+    _Slice,
+)
 from composer_numa.offload.native import native
+from composer_numa.offload.quant import WEIGHT_DTYPES, QuantizedWeights
 from composer_numa.units import format_size
 
-__all__ = ["NumaExperts", "ExpertsReport", "PLACEMENTS"]
+__all__ = ["NumaExperts", "QuantizedNumaExperts", "ExpertsReport", "PLACEMENTS", "WEIGHT_DTYPES"]
 
 log = logging.getLogger(__name__)
-
-#: Ways to place the expert weights over the nodes.
-PLACEMENTS = ("split", "replicate", "by-expert")
-
-_ALIGN = 32  # hidden padding and slice boundaries (ext/experts.h kAlign)
-_BLOCK = 16  # output rows per packed block (ext/experts.h kBlock)
-_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-@dataclass(frozen=True)
-class _Slice:
-    """One node's share: which experts, which rows of them it stores and computes."""
-
-    node: int
-    experts: tuple[int, ...]  # global ids, in local order
-    lo: int  # first (padded) intermediate row stored per expert
-    rows: int  # rows stored per expert
-    row0: int  # rows [row0, row1) of the stored ones are computed by this slice
-    row1: int
-
-
-def _plan(num_experts: int, intermediate: int, nodes: list[int], placement: str) -> list[_Slice]:
-    """Divide the weights over ``nodes`` (a pure function: tested on its own)."""
-    padded = _round_up(intermediate, _ALIGN)
-    chunks, n = padded // _ALIGN, len(nodes)
-    everyone = tuple(range(num_experts))
-    out: list[_Slice] = []
-    for p, node in enumerate(nodes):
-        a, b = chunks * p // n * _ALIGN, chunks * (p + 1) // n * _ALIGN
-        if placement == "split":
-            if a < b:
-                out.append(_Slice(node, everyone, a, b - a, 0, b - a))
-        elif placement == "replicate":
-            if a < b:
-                out.append(_Slice(node, everyone, 0, padded, a, b))
-        else:  # by-expert
-            mine = tuple(range(num_experts * p // n, num_experts * (p + 1) // n))
-            if mine:
-                out.append(_Slice(node, mine, 0, padded, 0, padded))
-    return out
-
-
-def _local_index(experts: Sequence[int], num_experts: int) -> list[int]:
-    """Expert id -> its position in a slice, -1 when the slice does not hold it (O(E))."""
-    out = [-1] * num_experts
-    for i, e in enumerate(experts):
-        out[e] = i
-    return out
-
-
-def _check_size(need: int, nodes: Sequence[int]) -> None:
-    """A layer the chosen nodes cannot hold together is a MemoryError here, before any work that
-    grows with its size; each node's share is checked again when it is allocated."""
-    distinct = sorted(set(nodes))
-    room = sum(m.available for m in capacity.read_nodes(distinct).values())
-    cgroup = procfs.cgroup_memory_room()
-    if cgroup is not None:
-        room = min(room, cgroup)
-    if need > room:
-        raise MemoryError(f"NumaExperts: the expert weights need {format_size(need)}; NUMA node(s) {distinct} "
-                          f"can give {format_size(room)}")
-
 
 def _pack(w: torch.Tensor, kp: int) -> torch.Tensor:
     """[N, K] -> [N/16, K/kp, 16, kp]: 16-row blocks, kp consecutive k per row."""
@@ -412,8 +357,14 @@ class NumaExperts(nn.Module):
             up: ``[E, intermediate, hidden]``.
             down: ``[E, hidden, intermediate]``.
             **options: constructor options (``dtype`` defaults to ``gate.dtype``
-                when that is float32 or bfloat16, else bfloat16).
+                when that is float32 or bfloat16, else bfloat16). With
+                ``weight_dtype="int8"`` or ``"int4"`` (and ``group_size``, ``scale_dtype``)
+                the weights are quantized into frozen buffers: see
+                :class:`composer_numa.offload.experts.QuantizedNumaExperts` (``None``: float weights).
         """
+        weight_dtype = options.pop("weight_dtype", None)
+        if weight_dtype is not None:
+            return QuantizedNumaExperts.quantize(gate, up, down, weight_dtype=weight_dtype, **options)
         for name, t in (("gate", gate), ("up", up), ("down", down)):
             if not isinstance(t, torch.Tensor) or t.dim() != 3:
                 raise ValueError(f"NumaExperts.from_dense: {name} must be a 3-D tensor")
@@ -431,6 +382,13 @@ class NumaExperts(nn.Module):
                 layer._load_expert(e, gate[e].detach().cpu(), up[e].detach().cpu(), down[e].detach().cpu())
         layer._mark_synced()
         return layer
+
+    @classmethod
+    def from_gguf(cls, path_or_reader: Any, layer: int, **options: Any) -> NumaExperts:
+        """Frozen quantized experts from a GGUF file's ``blk.<layer>.ffn_{gate,up,down}_exps``
+        tensors in Q8_0 or Q4_0, loaded without requantizing (see
+        :meth:`composer_numa.offload.experts.QuantizedNumaExperts.from_gguf`)."""
+        return QuantizedNumaExperts.from_gguf(path_or_reader, layer, **options)
 
     @classmethod
     def from_modules(
@@ -672,8 +630,12 @@ class NumaExperts(nn.Module):
         else:
             xc = x.contiguous()
         self._sync_replicas()
-        out = _ExpertsFunction.apply(self, on_gpu, xc, ids, weights, *self.w13, *self.w2)
+        out = self._run(on_gpu, xc, ids, weights)
         return out.to(x.device, non_blocking=True) if on_gpu else out
+
+    def _run(self, pin: bool, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The kernels on checked CPU inputs, as an autograd node."""
+        return _ExpertsFunction.apply(self, pin, x, ids, weights, *self.w13, *self.w2)
 
     def _apply(self, fn: Any, recurse: bool = True) -> NumaExperts:
         # The weights live in node-local CPU memory: moving or casting the
@@ -728,14 +690,13 @@ class NumaExperts(nn.Module):
                 is not given.
             bandwidth_gbps: known read bandwidth per node, in GB/s.
         """
-        esz = 2 if self._kp == 2 else 4
         placed: dict[int, int] = {}
         resident: dict[int, int] = {}
         page = native().page_size()
         buffers = []
         for p, s in enumerate(self._slices):
             w13, w2 = self._slice_tensors(p)
-            placed[s.node] = placed.get(s.node, 0) + (w13.numel() + w2.numel()) * esz
+            placed[s.node] = placed.get(s.node, 0) + self._slice_bytes(p)
             buffers.append(w13)
         seen: set[int] = set()
         for t in buffers:  # w13 and w2 of a slice share one buffer
@@ -753,10 +714,10 @@ class NumaExperts(nn.Module):
         if not bw and measure_bandwidth:
             for node in sorted({s.node for s in self._slices}):
                 bw[node] = _read_bandwidth_gbps(node)
-        per_expert = 3 * self.intermediate_padded * self.hidden_padded * esz
+        per_expert = self._copy_bytes() // self.num_experts
         rep = ExpertsReport(
-            placement=self.placement, dtype=_DTYPES[self.dtype], nodes=[s.node for s in self._slices],
-            kernel=native().experts_kernel(_DTYPES[self.dtype]), weight_bytes=self.weight_bytes,
+            placement=self.placement, dtype=self._dtype_name(), nodes=[s.node for s in self._slices],
+            kernel=self._kernel_name(), weight_bytes=self.weight_bytes,
             bytes_per_node=placed, resident_bytes_per_node=resident, bandwidth_gbps=bw, top_k=k,
             decode_bytes_per_token=k * per_expert,
         )
@@ -768,6 +729,16 @@ class NumaExperts(nn.Module):
                 share[s.node] = share.get(s.node, 0.0) + frac
             rep.decode_roofline_ms = max(k * per_expert * f / (bw[n] * 1e9) for n, f in share.items()) * 1e3
         return rep
+
+    def _slice_bytes(self, p: int) -> int:
+        w13, w2 = self._slice_tensors(p)
+        return (w13.numel() + w2.numel()) * (2 if self._kp == 2 else 4)
+
+    def _dtype_name(self) -> str:
+        return _DTYPES[self.dtype]
+
+    def _kernel_name(self) -> str:
+        return native().experts_kernel(_DTYPES[self.dtype])
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden}, intermediate={self.intermediate}, "
@@ -854,3 +825,22 @@ class _ExpertsFunction(torch.autograd.Function):
             param_grads = [g13[p] if need[5 + p] else None for p in range(nparams)] + \
                           [g2[p] if need[5 + nparams + p] else None for p in range(nparams)]
         return (None, None, dx if need[2] else None, None, dw if need[4] else None, *param_grads)
+
+
+class QuantizedNumaExperts(QuantizedWeights, NumaExperts):
+    """:class:`NumaExperts` with frozen int8 / int4 weights (see the module docstring).
+
+    Build it with :meth:`NumaExperts.from_dense` (``weight_dtype=...``), :meth:`quantize`,
+    :meth:`from_codes` or :meth:`NumaExperts.from_gguf`; ``forward``, ``route``, ``report`` and the
+    placements work as for the float layer, at 1x the quantized bytes for ``split`` and
+    ``by-expert``.
+
+    Args:
+        num_experts, hidden, intermediate: the layer's sizes.
+        weight_dtype: ``"int8"`` or ``"int4"``.
+        group_size: input elements per scale, 32, 64 or 128 (dividing ``hidden`` and
+            ``intermediate``); ``None`` for one scale per row (int8 only). int4 defaults to 128.
+        scale_dtype: ``torch.float16`` (default) or ``torch.bfloat16``.
+        dtype: the dtype of ``x`` and the output, ``torch.bfloat16`` (default) or ``torch.float32``.
+        nodes, placement, fallback: as for :class:`NumaExperts`.
+    """

@@ -25,13 +25,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from composer_numa.diagnostics import PIN_NOT_APPLIED, Diagnostic, emit
+from composer_numa.diagnostics import BIND_NOT_APPLIED, PIN_NOT_APPLIED, Diagnostic, emit
 from composer_numa.machine import capacity, procfs
 from composer_numa.offload import runtime
 from composer_numa.offload.native import native
@@ -205,6 +206,27 @@ def _warn_pin(why: str) -> None:
     emit(Diagnostic(PIN_NOT_APPLIED, f"pin=True not applied: {why}; the buffer is pageable"))
 
 
+_policy_support_checked = False
+
+
+def _warn_without_memory_policies() -> None:
+    """Once per process: a kernel without NUMA memory policies (CONFIG_NUMA=n, or qemu-user
+    emulation) answers mbind with ENOSYS. The extension then leaves each buffer's pages on the
+    default policy (one memory node: where they would go anyway); say so once."""
+    global _policy_support_checked
+    if _policy_support_checked:
+        return
+    _policy_support_checked = True
+    from composer_numa.binding import linux
+
+    try:
+        linux.get_mempolicy()
+    except linux.NumaSyscallError as e:
+        if e.errno == errno.ENOSYS:
+            emit(Diagnostic(BIND_NOT_APPLIED, "node-local buffers keep the default memory policy: "
+                            "the kernel has no NUMA memory-policy support (ENOSYS)"))
+
+
 def empty(
     shape: int | Sequence[int],
     dtype: torch.dtype | None = None,
@@ -259,6 +281,7 @@ def empty(
             want_pin = True
         else:
             _warn_pin("CUDA is not available")
+    _warn_without_memory_policies()
     with reserved(nbytes, nodes, policy):
         capsule, pinned, why = native().alloc(runtime.pool(), nbytes, nodes, policy, want_pin)
     if want_pin and not pinned:

@@ -3,7 +3,9 @@
 // Kernels are compiled for the baseline ISA; functions that use wider vectors
 // carry one of the CNUMA_TARGET_* attributes and are only called after
 // active_isa() (common/cpu_features.h) said the CPU has them, so one build
-// runs on any x86-64 CPU. On other architectures only the scalar paths exist.
+// runs on any x86-64 CPU. On aarch64 NEON is the baseline; the BF16 and I8MM
+// instructions carry target attributes in the same way. Elsewhere only the
+// scalar paths exist.
 #pragma once
 
 #if defined(__x86_64__)
@@ -16,6 +18,17 @@
 #pragma GCC diagnostic pop
 #else
 #define CNUMA_X86 0
+#endif
+
+#if defined(__aarch64__)
+#define CNUMA_ARM64 1
+#include <arm_neon.h>
+// BFDOT/BFMMLA (FEAT_BF16) and SMMLA/USDOT (FEAT_I8MM): chosen only when
+// cpu_features() reports them (getauxval AT_HWCAP2).
+#define CNUMA_TARGET_NEON_BF16 __attribute__((target("arch=armv8.2-a+bf16")))
+#define CNUMA_TARGET_NEON_I8MM __attribute__((target("arch=armv8.2-a+dotprod+i8mm")))
+#else
+#define CNUMA_ARM64 0
 #endif
 
 #if CNUMA_X86
@@ -32,12 +45,14 @@
 
 namespace cnuma {
 
-// Vector width of a kernel path, ordered: a wider path is a larger value.
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+// Vector width of a kernel path, ordered within one architecture: a wider
+// path is a larger value (Scalar < Avx2 < Avx512 on x86; Scalar < Neon on aarch64).
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
 
-// The name COMPOSER_NUMA_SIMD and simd_level() use for it: "scalar", "avx2", "avx512".
+// The name COMPOSER_NUMA_SIMD and simd_level() use for it: "scalar", "avx2", "avx512", "neon".
 inline const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::Neon: return "neon";
     case Isa::Avx512: return "avx512";
     case Isa::Avx2: return "avx2";
     case Isa::Scalar: break;

@@ -45,10 +45,17 @@ struct AdamWJob {
   AdamWScalars s{};
 };
 
+// Whether the SIMD loops issue software prefetches on this CPU for a job whose
+// parameters, gradients and moments are all fp32 (all_fp32) or not: yes on Intel;
+// on AMD only with bf16 streams. COMPOSER_NUMA_ADAMW_PREFETCH="0"/"1" overrides.
+// Never changes a result.
+bool prefetch_wanted(bool all_fp32);
+
 // Single-threaded: elements [begin, end) of job on the given path.
 void adamw_range(const AdamWJob& job, int64_t begin, int64_t end, Isa isa);
 
-// All jobs in one dispatch on `pool`, on active_isa()'s path; chunks aligned to 16 elements.
+// All jobs in one dispatch on `pool`, on active_isa()'s path; each job's node workers claim
+// 16-aligned chunks of it dynamically.
 void adamw_step(Pool& pool, const std::vector<AdamWJob>& jobs);
 
 }  // namespace cnuma

@@ -8,6 +8,9 @@
 #include "common/cpu_features.h"
 #include "common/simd.h"
 #include "runtime/node_buffer.h"
+#if CNUMA_ARM64
+#include "kernels/bandwidth_neon.h"
+#endif
 
 namespace cnuma {
 namespace {
@@ -113,6 +116,9 @@ PassFn pick(Isa isa) {
 #if CNUMA_X86
   if (isa == Isa::Avx512) return &pass_avx512<Kernel>;
   if (isa == Isa::Avx2) return &pass_avx2<Kernel>;
+#endif
+#if CNUMA_ARM64
+  if (isa == Isa::Neon) return bandwidth_neon_pass(Kernel);
 #endif
   (void)isa;
   return &pass_generic<Kernel>;

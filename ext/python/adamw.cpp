@@ -86,6 +86,10 @@ void register_adamw(nb::module_& m) {
   m.def("adamw_step", &adamw_step, "pool"_a, "jobs"_a,
         "Fused AdamW over jobs (node, param, grad, exp_avg, exp_avg_sq, master|None, lr, beta1, "
         "beta2, eps, weight_decay, step, grad_scale, maximize), one dispatch on pool, GIL released.");
+  m.def("adamw_prefetch", &prefetch_wanted, "all_fp32"_a = true,
+        "Whether adamw_step's SIMD loops issue software prefetches on this CPU for all-fp32 jobs or "
+        "jobs with bf16 streams (Intel: yes; AMD: only with bf16 streams; COMPOSER_NUMA_ADAMW_PREFETCH=0/1 "
+        "overrides). Results are the same either way.");
 }
 
 }  // namespace cnuma::python

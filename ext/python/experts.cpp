@@ -14,6 +14,7 @@
 
 #include "common/checked.h"
 #include "kernels/experts/experts.h"
+#include "kernels/experts/quant.h"
 #include "python/module.h"
 #include "python/tensors.h"
 
@@ -56,8 +57,7 @@ struct Call {
   const float* weights = nullptr;
 };
 
-Call check_routing(const experts::Experts& ex, const Array& x, const Array& ids, const Array& weights) {
-  const experts::Layer& L = ex.layer();
+Call check_routing(const experts::Layer& L, const Array& x, const Array& ids, const Array& weights) {
   check_tensor(x, "x");
   if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != L.hidden)
     throw std::invalid_argument("NumaExperts: x must have shape [tokens, " + std::to_string(L.hidden) + "]");
@@ -118,6 +118,156 @@ experts::DType parse_dtype(const std::string& s) {
   throw std::invalid_argument("NumaExperts: dtype must be 'float32' or 'bfloat16', got '" + s + "'");
 }
 
+
+// ------------------------------------------------------------ quantized --
+
+struct QuantTensors {
+  std::vector<experts::QuantSliceData> d;
+};
+
+void check_bytes(const Array& a, const std::string& name, int64_t bytes) {
+  check_tensor(a, name);
+  if (!is_dtype(a, nb::dlpack::dtype_code::UInt, 8) && !is_dtype(a, nb::dlpack::dtype_code::Int, 8))
+    throw std::invalid_argument("NumaExperts: " + name + " must be uint8 or int8");
+  if (static_cast<int64_t>(a.size()) != bytes)
+    throw std::invalid_argument("NumaExperts: " + name + " has " + std::to_string(a.size()) + " bytes, expected " +
+                                std::to_string(bytes));
+}
+
+void check_scales(const experts::QuantExperts& ex, const Array& a, const std::string& name, int64_t n) {
+  check_tensor(a, name);
+  const bool bf = ex.spec().scale_bf16;
+  if (!is_dtype(a, bf ? nb::dlpack::dtype_code::Bfloat : nb::dlpack::dtype_code::Float, 16))
+    throw std::invalid_argument("NumaExperts: " + name + " must be " + (bf ? "bfloat16" : "float16"));
+  if (static_cast<int64_t>(a.size()) != n)
+    throw std::invalid_argument("NumaExperts: " + name + " has " + std::to_string(a.size()) +
+                                " elements, expected " + std::to_string(n));
+}
+
+std::vector<experts::QuantSliceData> check_quant(const experts::QuantExperts& ex, const std::vector<Array>& w13,
+                                                 const std::vector<Array>& w2, const std::vector<Array>& s13,
+                                                 const std::vector<Array>& s2) {
+  const size_t P = ex.slices().size();
+  if (w13.size() != P || w2.size() != P || s13.size() != P || s2.size() != P)
+    throw std::invalid_argument("NumaExperts: one w13, w2, s13 and s2 tensor per slice are needed");
+  std::vector<experts::QuantSliceData> d(P);
+  for (size_t p = 0; p < P; ++p) {
+    const std::string i = "[" + std::to_string(p) + "]";
+    check_bytes(w13[p], "w13" + i, ex.w13_bytes(p));
+    check_bytes(w2[p], "w2" + i, ex.w2_bytes(p));
+    check_scales(ex, s13[p], "s13" + i, ex.s13_elements(p));
+    check_scales(ex, s2[p], "s2" + i, ex.s2_elements(p));
+    d[p].w13 = static_cast<const uint8_t*>(w13[p].data());
+    d[p].w2 = static_cast<const uint8_t*>(w2[p].data());
+    d[p].s13 = static_cast<const uint16_t*>(s13[p].data());
+    d[p].s2 = static_cast<const uint16_t*>(s2[p].data());
+  }
+  return d;
+}
+
+void check_quant_saved(const experts::QuantExperts& ex, std::vector<experts::QuantSliceData>& d, int64_t slots,
+                       const std::vector<Array>& gate, const std::vector<Array>& up) {
+  const size_t P = ex.slices().size();
+  if (gate.size() != P || up.size() != P)
+    throw std::invalid_argument("NumaExperts: one saved gate and up tensor per slice are needed");
+  for (size_t p = 0; p < P; ++p) {
+    const experts::Slice& s = ex.slices()[p];
+    const int64_t n = slots * (s.row1 - s.row0);
+    check_flat(gate[p], "saved gate[" + std::to_string(p) + "]", n, false, ex.layer().dtype);
+    check_flat(up[p], "saved up[" + std::to_string(p) + "]", n, false, ex.layer().dtype);
+    d[p].save_gate = static_cast<float*>(gate[p].data());
+    d[p].save_up = static_cast<float*>(up[p].data());
+  }
+}
+
+void register_quant(nb::module_& m) {
+  using experts::QuantExperts;
+  nb::class_<QuantExperts>(m, "QuantExperts",
+                           "Quantized expert slices and their scratch buffers (composer_numa.offload.quant drives it).")
+      .def("__init__",
+           [](QuantExperts* self, int64_t num_experts, int64_t hidden, int64_t intermediate, const std::string& dtype,
+              int bits, int64_t group, const std::string& scale_dtype, const std::vector<int>& nodes,
+              const std::vector<std::vector<int32_t>>& local, const std::vector<int64_t>& rows,
+              const std::vector<int64_t>& row0, const std::vector<int64_t>& row1) {
+             const size_t P = nodes.size();
+             if (local.size() != P || rows.size() != P || row0.size() != P || row1.size() != P)
+               throw std::invalid_argument(
+                   "QuantExperts: nodes, local, rows, row0 and row1 must have one entry per slice");
+             if (scale_dtype != "float16" && scale_dtype != "bfloat16")
+               throw std::invalid_argument("QuantExperts: scale_dtype must be 'float16' or 'bfloat16', got '" +
+                                           scale_dtype + "'");
+             experts::Layer L;
+             L.experts = num_experts;
+             L.hidden = hidden;
+             L.hidden_padded = hidden > 0 && hidden <= INT32_MAX
+                                   ? checked_round_up(hidden, experts::kAlign, "hidden")
+                                   : hidden;
+             L.intermediate = intermediate;
+             L.dtype = parse_dtype(dtype);
+             std::vector<experts::Slice> slices(P);
+             for (size_t p = 0; p < P; ++p) slices[p] = {nodes[p], local[p], rows[p], row0[p], row1[p]};
+             experts::QuantSpec spec;
+             spec.bits = bits;
+             spec.group = group;
+             spec.scale_bf16 = scale_dtype == "bfloat16";
+             new (self) QuantExperts(L, std::move(slices), spec);
+           },
+           nb::arg("num_experts"), nb::arg("hidden"), nb::arg("intermediate"), nb::arg("dtype"), nb::arg("bits"),
+           nb::arg("group"), nb::arg("scale_dtype"), nb::arg("nodes"), nb::arg("local"), nb::arg("rows"),
+           nb::arg("row0"), nb::arg("row1"))
+      .def("w13_bytes", [](const QuantExperts& e, size_t p) { return e.w13_bytes(p); })
+      .def("w2_bytes", [](const QuantExperts& e, size_t p) { return e.w2_bytes(p); })
+      .def("s13_elements", [](const QuantExperts& e, size_t p) { return e.s13_elements(p); })
+      .def("s2_elements", [](const QuantExperts& e, size_t p) { return e.s2_elements(p); })
+      .def("forward",
+           [](QuantExperts& ex, Pool& pool, const Array& x, const Array& ids, const Array& weights, const Array& out,
+              const std::vector<Array>& w13, const std::vector<Array>& w2, const std::vector<Array>& s13,
+              const std::vector<Array>& s2, const std::optional<std::vector<Array>>& save_gate,
+              const std::optional<std::vector<Array>>& save_up) {
+             const Call c = check_routing(ex.layer(), x, ids, weights);
+             check_matrix(out, "out", c.tokens, ex.layer().hidden);
+             if (!is_layer_dtype(out, ex.layer().dtype))
+               throw std::invalid_argument(std::string("NumaExperts: out must be ") + dtype_text(ex.layer().dtype));
+             std::vector<experts::QuantSliceData> d = check_quant(ex, w13, w2, s13, s2);
+             if (save_gate.has_value() != save_up.has_value())
+               throw std::invalid_argument("NumaExperts: save_gate and save_up go together");
+             if (save_gate) check_quant_saved(ex, d, c.tokens * c.k, *save_gate, *save_up);
+             const void* xp = x.data();
+             void* op = out.data();
+             nb::gil_scoped_release release;
+             ex.forward(pool, xp, c.tokens, c.ids, c.weights, c.k, op, d);
+           },
+           nb::arg("pool"), nb::arg("x"), nb::arg("topk_ids"), nb::arg("topk_weights"), nb::arg("out"), nb::arg("w13"),
+           nb::arg("w2"), nb::arg("s13"), nb::arg("s2"), nb::arg("save_gate") = nb::none(),
+           nb::arg("save_up") = nb::none(), "out = experts(x) over quantized weights; GIL released.")
+      .def("backward",
+           [](QuantExperts& ex, Pool& pool, const Array& dout, const Array& ids, const Array& weights,
+              const std::vector<Array>& w13, const std::vector<Array>& w2, const std::vector<Array>& s13,
+              const std::vector<Array>& s2, const std::vector<Array>& save_gate, const std::vector<Array>& save_up,
+              const Array& dx, const Array& dweights) {
+             const Call c = check_routing(ex.layer(), dout, ids, weights);
+             check_matrix(dx, "grad_x", c.tokens, ex.layer().hidden);
+             if (!is_layer_dtype(dx, ex.layer().dtype))
+               throw std::invalid_argument(std::string("NumaExperts: grad_x must be ") + dtype_text(ex.layer().dtype));
+             check_matrix(dweights, "grad_topk_weights", c.tokens, c.k);
+             if (!is_dtype(dweights, nb::dlpack::dtype_code::Float, 32))
+               throw std::invalid_argument("NumaExperts: grad_topk_weights must be float32");
+             std::vector<experts::QuantSliceData> d = check_quant(ex, w13, w2, s13, s2);
+             check_quant_saved(ex, d, c.tokens * c.k, save_gate, save_up);
+             const void* dp = dout.data();
+             void* dxp = dx.data();
+             float* dwp = static_cast<float*>(dweights.data());
+             nb::gil_scoped_release release;
+             ex.backward(pool, dp, c.tokens, c.ids, c.weights, c.k, d, dxp, dwp);
+           },
+           nb::arg("pool"), nb::arg("grad_output"), nb::arg("topk_ids"), nb::arg("topk_weights"), nb::arg("w13"),
+           nb::arg("w2"), nb::arg("s13"), nb::arg("s2"), nb::arg("save_gate"), nb::arg("save_up"),
+           nb::arg("grad_x"), nb::arg("grad_topk_weights"),
+           "Gradients of x and the routing weights (the quantized weights are frozen); GIL released.");
+  m.def("quant_experts_kernel", &experts::quant_kernel_name,
+        "The kernel path quantized NumaExperts use now, e.g. 'avx512+vnni+amx'.");
+}
+
 }  // namespace
 
 void register_experts(nb::module_& m) {
@@ -155,7 +305,7 @@ void register_experts(nb::module_& m) {
               const std::vector<Array>& w13, const std::vector<Array>& w2,
               const std::optional<std::vector<Array>>& save_gate,
               const std::optional<std::vector<Array>>& save_up) {
-             const Call c = check_routing(ex, x, ids, weights);
+             const Call c = check_routing(ex.layer(), x, ids, weights);
              check_matrix(out, "out", c.tokens, ex.layer().hidden);
              if (!is_layer_dtype(out, ex.layer().dtype))
                throw std::invalid_argument(std::string("NumaExperts: out must be ") + dtype_text(ex.layer().dtype));
@@ -177,7 +327,7 @@ void register_experts(nb::module_& m) {
               const std::vector<Array>& save_gate, const std::vector<Array>& save_up,
               const std::optional<std::vector<Array>>& grad13,
               const std::optional<std::vector<Array>>& grad2, const Array& dx, const Array& dweights) {
-             const Call c = check_routing(ex, x, ids, weights);
+             const Call c = check_routing(ex.layer(), x, ids, weights);
              const int64_t H = ex.layer().hidden;
              check_matrix(dout, "grad_output", c.tokens, H);
              check_matrix(dx, "grad_x", c.tokens, H);
@@ -218,6 +368,7 @@ void register_experts(nb::module_& m) {
   m.def("experts_kernel",
         [](const std::string& dtype) { return experts::kernel_name(parse_dtype(dtype)); },
         nb::arg("dtype"), "The kernel path NumaExperts uses now for a dtype, e.g. 'avx512+bf16dot+amx'.");
+  register_quant(m);
 }
 
 }  // namespace cnuma::python

@@ -24,7 +24,8 @@ const char* policy_name(Policy p);
 // twice, exactly one unless interleaving.
 void check_nodes(const std::vector<int>& nodes, Policy policy);
 
-// mbind(addr, len, policy, nodes); std::runtime_error naming the errno on failure.
+// mbind(addr, len, policy, nodes); std::runtime_error naming the errno on failure,
+// except ENOSYS (a kernel without NUMA memory policies): then nothing changes.
 void apply_policy(void* addr, size_t len, Policy policy, const std::vector<int>& nodes);
 
 // The memory policy of the mapping containing addr: (mode name, nodes).

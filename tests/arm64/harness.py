@@ -32,7 +32,7 @@ Commands::
     python tests/arm64/harness.py run -- python -c 'import platform; print(platform.machine())'
     python tests/arm64/harness.py build [--mode cross|native] [--project DIR]
     python tests/arm64/harness.py test [--mode cross|native] [-- PYTEST ARGS]   (default: -m arm64)
-    python tests/arm64/harness.py syntax [FILES]      (aarch64 g++ -fsyntax-only over ext/*.cpp)
+    python tests/arm64/harness.py syntax [FILES]      (aarch64 g++ -fsyntax-only over ext/**/*.cpp)
     python tests/arm64/harness.py info
 
 Environment:
@@ -906,7 +906,7 @@ def syntax_check(files: Sequence[Path], extra_flags: Sequence[str] = ()) -> list
     nb = _nanobind_dir()
     flags = ["-std=c++17", f"--sysroot={ROOTFS}", "-isystem", str(ROOTFS / "usr/include" / f"python{PY}"),
              "-isystem", str(nb / "include"), "-isystem", str(nb / "ext/robin_map/include"),
-             "-fsyntax-only", "-O3", "-Wall", "-Wextra", *extra_flags]
+             "-I", str(REPO / "ext"), "-fsyntax-only", "-O3", "-Wall", "-Wextra", *extra_flags]
     out = []
     for f in files:
         r = subprocess.run(["aarch64-linux-gnu-g++", *flags, str(f)], capture_output=True, text=True)
@@ -948,7 +948,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pt.add_argument("--mode", choices=("cross", "native"), default=None)
     pt.add_argument("--no-build", action="store_true", help="use the extension already installed")
     pt.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: pytest arguments (default: -m arm64)")
-    ps = sub.add_parser("syntax", help="aarch64-linux-gnu-g++ -fsyntax-only over C++ files (default ext/*.cpp)")
+    ps = sub.add_parser("syntax", help="aarch64-linux-gnu-g++ -fsyntax-only over C++ files (default ext/**/*.cpp)")
     ps.add_argument("files", nargs="*")
     sub.add_parser("info", help="what is cached, and how big")
     args = p.parse_args(argv)
@@ -987,10 +987,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             return r.returncode
         if args.cmd == "syntax":
-            files = [Path(f) for f in args.files] or sorted((REPO / "ext").glob("*.cpp"))
+            files = [Path(f) for f in args.files] or sorted((REPO / "ext").glob("**/*.cpp"))
             results = syntax_check(files)
             for f, ok, first in results:
-                print(f"{'ok  ' if ok else 'FAIL'} {f.name}" + ("" if ok else f"  {first}"))
+                name = f.resolve().relative_to(REPO / "ext") if f.resolve().is_relative_to(REPO / "ext") else f
+                print(f"{'ok  ' if ok else 'FAIL'} {name}" + ("" if ok else f"  {first}"))
             return 0 if all(ok for _, ok, _ in results) else 1
         if args.cmd == "info":
             print(f"cache: {CACHE}")

@@ -83,3 +83,21 @@ def test_standin_extension_cross_builds_and_imports():
     r = harness.run(["python", "-c", code], capture=True)
     assert r.returncode == 0, r.stdout
     assert r.stdout.split()[-3:] == ["aarch64", "45.0", "5050"]
+
+
+def test_the_arm64_selection_names_existing_files():
+    from tests import conftest
+
+    for name in conftest._ARM64_FILES:
+        assert (conftest._TESTS_DIR / name).exists(), f"tests/conftest.py _ARM64_FILES names a missing {name}"
+
+
+@e2e
+@pytest.mark.slow
+def test_extension_cross_builds_and_reports_neon():
+    """The project's own extension for aarch64 (the CI step runs all of ``-m arm64``; this is its smoke)."""
+    harness.build(harness.REPO, "cross")
+    code = "import composer_numa._C as C; f = C.cpu_features(); print(C.simd_level(), f['asimd'], f['avx2'])"
+    r = harness.run(["python", "-c", code], capture=True, env={"COMPOSER_NUMA_SIMD": ""})
+    assert r.returncode == 0, r.stdout
+    assert r.stdout.split()[-3:] == ["neon", "True", "False"]

@@ -4,6 +4,9 @@ training with NumaAdamW and Composer, and bad input."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -88,7 +91,8 @@ def run_case(layer, dense, dtype, t, k, seed=2):
 
 def has_level(level: str) -> bool:
     f = native().cpu_features()
-    return {"avx512": f["avx512f"] and f["avx512bw"] and f["avx512vl"], "avx2": f["avx2"], "scalar": True}[level]
+    return {"avx512": f["avx512f"] and f["avx512bw"] and f["avx512vl"], "avx2": f["avx2"], "neon": f["asimd"],
+            "scalar": True}[level]
 
 
 @pytest.fixture(autouse=True)
@@ -116,10 +120,11 @@ def test_matches_reference(dtype, placement, nodes):
             assert not bad, f"T={t} k={k}: {bad}"
 
 
-SIMD_PATHS = [("avx512", "1"), ("avx512", "0"), ("avx2", "1"), ("scalar", "1")]
+SIMD_PATHS = [("avx512", "1"), ("avx512", "0"), ("avx2", "1"), ("neon", "1"), ("scalar", "1")]
 
 
-@pytest.mark.parametrize("simd,amx", SIMD_PATHS, ids=["avx512+amx", "avx512", "avx2", "scalar"])
+@pytest.mark.arm64
+@pytest.mark.parametrize("simd,amx", SIMD_PATHS, ids=["avx512+amx", "avx512", "avx2", "neon", "scalar"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_every_simd_path(monkeypatch, simd, amx, dtype):
     if not has_level(simd):
@@ -130,6 +135,8 @@ def test_every_simd_path(monkeypatch, simd, amx, dtype):
     assert kernel.startswith(simd)
     if amx == "0":
         assert "amx" not in kernel
+    if simd == "neon":  # BFDOT exactly where the CPU has FEAT_BF16 (Grace does)
+        assert ("+bf16dot" in kernel) == (dtype == torch.bfloat16 and native().cpu_features()["bf16"])
     dense = dense_weights(dtype, seed=3)
     layer = NumaExperts.from_dense(*dense, nodes=[0, 0], placement="split")
     for t, k in ((1, 1), (3, 2), (64, 6), (513, 8)):
@@ -139,6 +146,7 @@ def test_every_simd_path(monkeypatch, simd, amx, dtype):
         assert not bad, f"{kernel} T={t} k={k}: {bad}"
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_one_and_two_workers_give_identical_bits(dtype):
     dense = dense_weights(dtype, seed=4)
@@ -538,15 +546,35 @@ def test_random_bad_input_raises_cleanly(t, h, t_ids, k, k_w, lo, hi, x_dtype, i
             layer(x, ids, w)
 
 
+@pytest.mark.arm64
 def test_simd_env_is_read_at_each_call(monkeypatch):
-    if not has_level("avx2"):
+    level = "neon" if has_level("neon") else "avx2"
+    if not has_level(level):
         pytest.skip("no avx2")
     monkeypatch.setenv("COMPOSER_NUMA_SIMD", "scalar")
     assert native().experts_kernel("bfloat16") == "scalar"
-    monkeypatch.setenv("COMPOSER_NUMA_SIMD", "avx2")
-    assert native().experts_kernel("bfloat16") == "avx2"
+    monkeypatch.setenv("COMPOSER_NUMA_SIMD", level)
+    assert native().experts_kernel("bfloat16").split("+")[0] == level
     monkeypatch.delenv("COMPOSER_NUMA_SIMD")
     assert native().experts_kernel("float32") == native().simd_level()
+
+
+@pytest.mark.arm64
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("COMPOSER_NUMA_ARM64_EMULATED") != "1", reason="chooses the CPU qemu-user emulates")
+def test_neon_without_feat_bf16_widens_bf16_weights():
+    """The NEON path of a CPU without BFDOT (qemu's Neoverse N1): bf16 layers convert to fp32 lane by
+    lane instead, against the same float64 reference (test_every_simd_path, run in a child that
+    qemu starts with QEMU_CPU=neoverse-n1)."""
+    env = {**os.environ, "QEMU_CPU": "neoverse-n1", "COMPOSER_NUMA_SIMD": ""}
+    probe = subprocess.run([sys.executable, "-c", "import composer_numa._C as C; "
+                            "print(C.cpu_features()['bf16'], C.experts_kernel('bfloat16'))"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert probe.stdout.split() == ["False", "neon"], probe.stdout + probe.stderr
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
+                        f"{__file__}::test_every_simd_path", "-k", "neon"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
 
@@ -597,6 +625,44 @@ for placement in ("split", "by-expert", "replicate"):
                       "weight_bytes": big_bytes,
                       "error": float((y - ref).abs().max() / ref.abs().max())}
     del layer
+
+# Quantized experts: small shapes (TCG is slow); int8 per row and int4 in groups of 128.
+import gc
+from composer_numa.offload.experts import QuantizedNumaExperts
+g = torch.Generator().manual_seed(1)
+qE, qH, qI = 8, 256, 256
+qw = (torch.randn(qE, qI, qH, generator=g) / 16, torch.randn(qE, qI, qH, generator=g) / 16,
+      torch.randn(qE, qH, qI, generator=g) / 16)
+ids, w = NumaExperts.route(torch.randn(16, qE, generator=g), 2)
+x = torch.randn(16, qH, generator=g)
+out["quant"] = {}
+for wd, gs, size in (("int8", None, (80, 1024, 1024)), ("int4", 128, (128, 1024, 1024))):
+    layer = NumaExperts.from_dense(*qw, weight_dtype=wd, group_size=gs, dtype=torch.float32)
+    qg, qu, qd = (t.double() for t in layer.dequantize())
+    ref = torch.zeros(16, qH, dtype=torch.float64)
+    for t in range(16):
+        for j in range(2):
+            e = int(ids[t, j])
+            h = torch.nn.functional.silu(qg[e] @ x[t].double()) * (qu[e] @ x[t].double())
+            ref[t] += float(w[t, j]) * (qd[e] @ h)
+    y = layer(x, ids, w).double()
+    r = {"nodes": layer.nodes, "error": float((y - ref).norm() / ref.norm()), "slices": [
+        {"node": s.node, "pages": numa_maps(v[0].untyped_storage().data_ptr()),
+         "bytes": v[0].untyped_storage().nbytes()} for s, v in zip(layer._slices, layer._views)]}
+    del layer
+    # resident memory for 1, 2 and 4 slices: buffers are faulted in on construction (no quantizing);
+    # ~200 MiB, so the 2 MiB huge-page tail of each slice (up to 4) stays inside the 5 %
+    r["memory"] = []
+    for nodes in ([0], [0, 1], [0, 1, 0, 1]):
+        gc.collect()
+        before = psutil.Process().memory_info().rss
+        big = QuantizedNumaExperts(*size, weight_dtype=wd, group_size=gs, nodes=nodes)
+        grown = psutil.Process().memory_info().rss - before
+        r["memory"].append({"nodes": nodes, "rss_growth": grown, "weight_bytes": big.weight_bytes, "slices": [
+            {"node": s.node, "pages": numa_maps(v[0].untyped_storage().data_ptr()),
+             "bytes": v[0].untyped_storage().nbytes()} for s, v in zip(big._slices, big._views)]})
+        del big
+    out["quant"][f"{wd}/{gs}"] = r | {"size": size}
 print(json.dumps(out))
 '''
 
@@ -605,7 +671,8 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_slices_live_on_their_nodes_in_a_two_node_guest():
     """On a real two-node kernel (QEMU guest): each slice's pages are on its node, split
-    costs 1x the weights in resident memory and replicate 2x, and all placements agree."""
+    costs 1x the weights in resident memory and replicate 2x, and all placements agree; the same
+    for int8 (per row) and int4 (groups of 128) slices, at 1x codes + scales for 1, 2 and 4 slices."""
     import sys
 
     try:
@@ -629,3 +696,22 @@ def test_slices_live_on_their_nodes_in_a_two_node_guest():
         print(f"{placement}: {out['kernel']}, RSS {r['rss_growth'] / r['weight_bytes']:.3f}x the weights, "
               f"pages {[s['pages'] for s in r['slices']]}, error {r['error']:.1e}")
         assert abs(r["rss_growth"] / r["weight_bytes"] - n) <= 0.05 * n, (placement, r["rss_growth"])
+    # quantized slices: pages on their node; resident memory 1x the codes + scales for 1, 2, 4 slices
+    for fmt, bits, groups in (("int8/None", 8, None), ("int4/128", 4, 128)):
+        q = out["quant"][fmt]
+        e, h, i = q["size"]
+        ng = (h // groups, i // groups) if groups else (1, 1)
+        want = 3 * e * h * i * bits // 8 + 2 * e * (2 * i * ng[0] + h * ng[1])  # codes + fp16 scales
+        assert q["nodes"] == [0, 1] and q["error"] < 1e-3, (fmt, q)  # TOL of tests/offload/test_experts_quant.py
+        for m in [q] + q["memory"]:
+            assert [s["node"] for s in m["slices"]] == m["nodes"], (fmt, m)
+            for s in m["slices"]:
+                assert set(s["pages"]) == {str(s["node"])}, (fmt, s)
+                assert sum(s["pages"].values()) * 4096 >= s["bytes"], (fmt, s)
+        for m in q["memory"]:
+            assert m["weight_bytes"] == want, (fmt, m)
+            # each slice also keeps the per-row scales of down's rows (2 * e * h bytes)
+            extra = 0 if groups else 2 * e * h * (len(m["nodes"]) - 1)
+            assert sum(s["bytes"] for s in m["slices"]) == want + extra, (fmt, m)
+            print(f"{fmt} on {m['nodes']}: RSS {m['rss_growth'] / want:.3f}x codes + scales ({want} bytes)")
+            assert abs(m["rss_growth"] / want - 1) <= 0.05, (fmt, m)

@@ -115,6 +115,47 @@ def test_to_hf_writes_the_weights_back(name):
     assert torch.equal(target.down_proj, down + 0.5)
 
 
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("nodes", [[0], [0, 0]], ids=["one-slice", "two-slices"])
+def test_int8_from_hf_matches_its_dequantized_weights(nodes):
+    """``weight_dtype="int8"`` goes through the quantizer: the swapped block's output and gradients
+    (x, router) match a float64 block holding ``dequantize()``'s weights."""
+    from composer_numa.offload.experts import QuantizedNumaExperts
+
+    original = _random_block("mixtral")
+    swapped = copy.deepcopy(original)
+    swapped.experts = NumaExperts.from_hf(original.experts, weight_dtype="int8", nodes=nodes)
+    layer = swapped.experts
+    assert isinstance(layer, QuantizedNumaExperts) and not list(layer.parameters())
+    assert (layer.weight_dtype, layer.group_size, layer.dtype) == ("int8", None, torch.float32)
+    gate, up, down = layer.dequantize()
+    # the weights were quantized (per output row, fp16 scale max|row| / 127): off by about half a step
+    orig_gu, orig_down = original.experts.gate_up_proj.detach(), original.experts.down_proj.detach()
+    for deq, orig in ((torch.cat((gate, up), dim=1), orig_gu), (down, orig_down)):
+        step = orig.abs().amax(-1, keepdim=True) / 127
+        assert not torch.equal(deq, orig)
+        assert bool(((deq - orig).abs() <= 0.51 * step).all())
+    reference = copy.deepcopy(original).double()
+    assert reference.experts.is_concatenated and not reference.experts.is_transposed
+    with torch.no_grad():
+        reference.experts.gate_up_proj.copy_(torch.cat((gate, up), dim=1))
+        reference.experts.down_proj.copy_(down)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 7, 64, generator=g)
+    grad_out = torch.randn(3, 7, 64, generator=g)
+    out_n, dx_n = _run(swapped, x, grad_out)
+    out_r, dx_r = _run(reference, x.double(), grad_out.double())
+    # tests/offload/test_experts_quant.py's float32 bound: activations in int16 per block of <= 128
+    # (sqrt(128) * 2^-16 = 1.7e-4 a block), two quantized stages, fp32 sums, x3 for the matrices' gain
+    tol = 1e-3
+    errs = {"output": _rel(out_n, out_r), "input gradient": _rel(dx_n, dx_r),
+            "router gradient": _rel(swapped.gate.weight.grad, reference.gate.weight.grad)}
+    assert all(v <= tol for v in errs.values()), errs
+
+
 def test_whole_model_swap_keeps_state_dict_names_and_logits():
     from transformers import MixtralConfig, MixtralForCausalLM
 

@@ -104,6 +104,7 @@ def run_pair(shapes, steps=50, ours_kw=None, torch_kw=None, dtype=torch.float32,
 
 # ---------------------------------------------------------------- numerics --
 
+@pytest.mark.arm64
 def test_fp32_matches_torch_adamw_over_50_steps_on_many_shapes():
     o, r, ours, ref = run_pair(SHAPES)
     exact = reference64(SHAPES, 50, None)
@@ -115,6 +116,7 @@ def test_fp32_matches_torch_adamw_over_50_steps_on_many_shapes():
         assert float(so["step"]) == float(sr["step"]) == 50.0
 
 
+@pytest.mark.arm64
 def test_moments_are_bit_identical_to_torch():
     # torch's lerp and addcmul use one fused multiply-add each; so do we.
     o, r, ours, ref = run_pair([(4099,), (17,)], steps=10)
@@ -123,6 +125,7 @@ def test_moments_are_bit_identical_to_torch():
         assert torch.equal(o.state[p]["exp_avg_sq"], r.state[q]["exp_avg_sq"])
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize("hyper", [
     dict(maximize=True),
     dict(weight_decay=0.0),
@@ -164,6 +167,7 @@ def test_param_groups_with_own_hyperparameters_and_a_scheduler():
         assert_same_trajectory(p, q, steps=12, lr=0.05)
 
 
+@pytest.mark.arm64
 def test_bf16_params_with_fp32_master_match_fp32_adamw_within_bf16_rounding():
     shapes = [(17,), (1000,), (31, 7)]
     start = [p.to(torch.bfloat16) for p in make(shapes)]
@@ -200,6 +204,7 @@ def _emulate_bf16_states(start, steps, h):
     return p, m, v
 
 
+@pytest.mark.arm64
 def test_bf16_state_dtype():
     shapes = [(33,), (500,)]
     start = make(shapes)
@@ -219,6 +224,7 @@ def test_bf16_state_dtype():
                                    rtol=2**-7, atol=1e-8)
 
 
+@pytest.mark.arm64
 def test_bf16_rounding_is_round_to_nearest_even_like_torch():
     x = torch.tensor([1.0, 1.00390625, 1.01171875, -2.5e-40, 3.0e38, 3.4e38, float("inf"),
                       -float("inf"), 1.0 + 2**-8 + 2**-20, 1.0 + 2**-8, -(1.0 + 3 * 2**-8)])
@@ -233,7 +239,7 @@ def test_bf16_rounding_is_round_to_nearest_even_like_torch():
 def _trajectory(simd, threads, monkeypatch, **kw):
     monkeypatch.setenv("COMPOSER_NUMA_SIMD", simd)
     runtime.reset(threads=threads)
-    assert _C.simd_path() == {"avx512": 2, "avx2": 1, "scalar": 0}[simd] or simd != _C.simd_level()
+    assert _C.simd_path() == {"avx512": 2, "avx2": 1, "neon": 3, "scalar": 0}[simd] or simd != _C.simd_level()
     start = make(SHAPES, kw.pop("dtype", torch.float32))
     ps = [torch.nn.Parameter(p.clone()) for p in start]
     o = NumaAdamW(ps, **HYPER, **kw)
@@ -247,9 +253,11 @@ def _trajectory(simd, threads, monkeypatch, **kw):
     return out
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize("kw", [dict(), dict(dtype=torch.bfloat16), dict(state_dtype=torch.bfloat16),
-                                dict(dtype=torch.bfloat16, master_weights=False)],
-                         ids=["fp32", "bf16-master", "bf16-states", "bf16-no-master"])
+                                dict(dtype=torch.bfloat16, master_weights=False),
+                                dict(dtype=torch.bfloat16, master_weights=False, state_dtype=torch.bfloat16)],
+                         ids=["fp32", "bf16-master", "bf16-states", "bf16-no-master", "bf16-all"])
 def test_every_simd_path_and_thread_count_gives_identical_bits(kw, monkeypatch):
     levels = ["scalar"]
     feats = _C.cpu_features()
@@ -257,6 +265,9 @@ def test_every_simd_path_and_thread_count_gives_identical_bits(kw, monkeypatch):
         levels.append("avx2")
     if feats["avx512f"] and feats["avx512bw"] and feats["avx512vl"]:
         levels.append("avx512")
+    if feats["asimd"]:
+        levels.append("neon")
+    assert levels[-1] == _C.simd_level()  # the widest path is among those compared
     reference = None
     for simd in levels:
         for threads in (1, 2, 7):
@@ -269,9 +280,35 @@ def test_every_simd_path_and_thread_count_gives_identical_bits(kw, monkeypatch):
                                    b.view(torch.uint8) if b.numel() else b), (simd, threads)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(dtype=torch.bfloat16, master_weights=False, state_dtype=torch.bfloat16)],
+                         ids=["fp32", "bf16-all"])
+def test_software_prefetch_choice_never_changes_a_bit(kw, monkeypatch):
+    # Intel gets software prefetches, AMD only with bf16 streams (_C.adamw_prefetch()); both
+    # kinds of loop must give the bits of the scalar path.
+    feats = _C.cpu_features()
+    best = "avx512" if feats["avx512f"] and feats["avx512bw"] and feats["avx512vl"] else "avx2"
+    if not (feats["avx2"] and feats["fma"]):
+        pytest.skip("no x86 SIMD path on this CPU")
+    reference = _trajectory("scalar", 1, monkeypatch, **dict(kw))
+    for pf in ("0", "1"):
+        monkeypatch.setenv("COMPOSER_NUMA_ADAMW_PREFETCH", pf)
+        assert _C.adamw_prefetch() == _C.adamw_prefetch(False) == (pf == "1")
+        got = _trajectory(best, 2, monkeypatch, **dict(kw))
+        for a, b in zip(reference, got, strict=True):
+            assert torch.equal(a.view(torch.uint8) if a.numel() else a,
+                               b.view(torch.uint8) if b.numel() else b), pf
+    monkeypatch.delenv("COMPOSER_NUMA_ADAMW_PREFETCH")
+    assert _C.adamw_prefetch() == (not feats["amd"]) and _C.adamw_prefetch(False)
+
+
+@pytest.mark.arm64
 def test_env_switch_caps_the_simd_path(monkeypatch):
     monkeypatch.setenv("COMPOSER_NUMA_SIMD", "scalar")
     assert _C.simd_path() == 0 and _C.simd_level() == "scalar"
+    if _C.cpu_features()["asimd"]:
+        monkeypatch.setenv("COMPOSER_NUMA_SIMD", "neon")
+        assert _C.simd_path() == 3 and _C.simd_level() == "neon"
+        return
     monkeypatch.setenv("COMPOSER_NUMA_SIMD", "avx2")
     assert _C.simd_path() <= 1
 
@@ -358,6 +395,7 @@ def test_model_zero_grad_set_to_none_is_recovered_at_step():
     assert all(p.grad is s.grad for p, s in zip(a.parameters(), oa._slots, strict=True))
 
 
+@pytest.mark.arm64
 def test_nan_gradient_propagates_like_torch():
     start = make([(40,)])
     p, q = torch.nn.Parameter(start[0].clone()), torch.nn.Parameter(start[0].clone())

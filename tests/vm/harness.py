@@ -191,7 +191,7 @@ TWO_NODES = Layout("two-nodes", (NodeSpec(1024, (0,)), NodeSpec(1024, (1,))),
                    _dist([0, 1]), sockets=2, gpus=(1,))
 #: Layout 1 with 1.5 GiB per node, for ``composer-numa launch``: the launcher and two ranks each
 #: import Composer and torch, which leaves a 1 GiB node too little room for a rank's own memory.
-TWO_NODES_LAUNCH = Layout("two-nodes-launch", (NodeSpec(1536, (0,)), NodeSpec(1536, (1,))),
+TWO_NODES_LAUNCH = Layout("two-nodes-launch", (NodeSpec(3072, (0,)), NodeSpec(3072, (1,))),
                           _dist([0, 1]), sockets=2, gpus=(1,))
 #: 2 sockets x 2 sub-NUMA clusters (distances 10 / 12 / 21), one GPU stand-in per node.
 SNC = Layout("snc", tuple(NodeSpec(640, (i,)) for i in range(4)),

@@ -17,7 +17,8 @@ from tests.vm.harness import LAYOUTS, SNC, TWO_NODES, Kernel, Layout, NodeSpec
 
 def test_layouts_are_consistent():
     for lay in LAYOUTS.values():
-        assert lay.memory_mib <= 3 * 1024 and lay.ncpus <= 8, lay.name
+        # guests must fit beside the suite on a 24 GiB CI machine (QEMU faults guest RAM in lazily)
+        assert lay.memory_mib <= 6 * 1024 and lay.ncpus <= 8, lay.name
         assert len(lay.gpu_addresses) == len(lay.gpus)
         assert len(set(lay.gpu_addresses)) == len(lay.gpus)
 

@@ -1,5 +1,5 @@
 """``composer-numa launch -n 2 examples/train.py`` on layout 1 (two nodes, one CPU each, here
-1.5 GiB each to hold three Composer processes):
+3 GiB each to hold three Composer processes and their page cache):
 two Composer ranks (CPU, gloo), each bound at birth to its own node, each logging
 ``numa/local_memory_fraction`` >= 0.9 through the NumaAffinity callback. The one guest check
 that imports torch (about 35 s per process under TCG), so it has its own boot."""

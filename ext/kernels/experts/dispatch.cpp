@@ -10,7 +10,6 @@
 
 namespace cnuma {
 namespace experts {
-namespace {
 
 #if CNUMA_X86
 bool amx_permitted() {
@@ -24,7 +23,6 @@ bool amx_permitted() {
 }
 #endif
 
-}  // namespace
 
 Path choose_path(DType dtype) {
   Path p;
@@ -37,6 +35,8 @@ Path choose_path(DType dtype) {
     const bool off = env != nullptr && std::strcmp(env, "0") == 0;
     p.amx = !off && f.amx_tile && f.amx_bf16 && amx_permitted();
   }
+#elif CNUMA_ARM64
+  p.dot = p.isa == Isa::Neon && dtype == DType::BF16 && cpu_features().bf16;
 #else
   (void)dtype;
 #endif
@@ -57,6 +57,9 @@ void run_fwd_item(const Path& p, const FwdItem& a) {
   if (p.dot) return fwd_item_dot(a);
   if (p.isa == Isa::Avx512) return fwd_item_avx512(a);
   if (p.isa == Isa::Avx2) return fwd_item_avx2(a);
+#elif CNUMA_ARM64
+  if (p.dot) return fwd_item_neon_bf16(a);
+  if (p.isa == Isa::Neon) return fwd_item_neon(a);
 #else
   (void)p;
 #endif
@@ -67,6 +70,8 @@ void run_data8(Isa isa, const DataArgs& a, const float* dy, float* out) {
 #if CNUMA_X86
   if (isa == Isa::Avx512) return data8_avx512(a, dy, out);
   if (isa == Isa::Avx2) return data8_avx2(a, dy, out);
+#elif CNUMA_ARM64
+  if (isa == Isa::Neon) return data8_neon(a, dy, out);
 #else
   (void)isa;
 #endif
@@ -77,6 +82,8 @@ void run_grad(Isa isa, const GradArgs& a) {
 #if CNUMA_X86
   if (isa == Isa::Avx512) return grad_avx512(a);
   if (isa == Isa::Avx2) return grad_avx2(a);
+#elif CNUMA_ARM64
+  if (isa == Isa::Neon) return grad_neon(a);
 #else
   (void)isa;
 #endif

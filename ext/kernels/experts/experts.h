@@ -65,7 +65,8 @@ struct SliceData {
 };
 
 // Which kernels a call uses: "avx512" (with "+bf16dot" and "+amx" when used),
-// "avx2" or "scalar", from cnuma::active_isa() and COMPOSER_NUMA_AMX=0.
+// "avx2", "neon" (with "+bf16dot" on CPUs with FEAT_BF16) or "scalar", from
+// cnuma::active_isa() and COMPOSER_NUMA_AMX=0.
 std::string kernel_name(DType dtype);
 
 class Experts {

@@ -30,11 +30,16 @@ constexpr int64_t kSlackRows = 32;
 // The kernels one call uses.
 struct Path {
   Isa isa = Isa::Scalar;
-  bool dot = false;  // AVX-512 BF16 dot products (bf16 weights and staged bf16 inputs)
+  bool dot = false;  // BF16 dot products, AVX-512 BF16 or NEON BFDOT (bf16 weights and staged bf16 inputs)
   bool amx = false;  // AMX tiles for experts with many tokens
 };
 
 Path choose_path(DType dtype);
+#if CNUMA_X86
+// Whether Linux granted this process the AMX tile state (asked once; the bf16
+// and the quantized layers share the answer).
+bool amx_permitted();
+#endif
 
 struct FwdItem {
   const void* b0;      // first block (its first k-step)
@@ -91,7 +96,7 @@ struct GradArgs {
   bool wbf16;
 };
 
-// Per-ISA implementations (the x86 ones exist only on x86).
+// Per-ISA implementations (the x86 ones exist only on x86, the NEON ones only on aarch64).
 void fwd_item_scalar(const FwdItem& a);
 void data8_scalar(const DataArgs& a, const float* dy, float* out);
 void grad_scalar(const GradArgs& a);
@@ -104,6 +109,12 @@ void data8_avx512(const DataArgs& a, const float* dy, float* out);
 void grad_avx512(const GradArgs& a);
 void fwd_item_dot(const FwdItem& a);  // AVX-512 BF16 dot products
 void fwd_item_amx(const FwdItem& a);  // AMX tiles (falls back to fwd_item_dot for few tokens)
+#endif
+#if CNUMA_ARM64
+void fwd_item_neon(const FwdItem& a);
+void data8_neon(const DataArgs& a, const float* dy, float* out);
+void grad_neon(const GradArgs& a);
+void fwd_item_neon_bf16(const FwdItem& a);  // BFDOT (bf16 weights and staged bf16 inputs)
 #endif
 
 // Run one item on the chosen path.

@@ -1,0 +1,269 @@
+// Quantized forward: stage each slice's token rows as int16 blocks (grouped by
+// expert), gate/up with SwiGLU per 16 intermediate rows, quantize the
+// activations the same way, down per 32 hidden rows, then sum the slices'
+// partial outputs per token in slice order (as forward.cpp does).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+
+#include "common/bf16.h"
+#include "common/checked.h"
+#include "kernels/experts/quant.h"
+#include "kernels/experts/routing.h"
+#include "kernels/experts/vector.h"
+
+namespace cnuma {
+namespace experts {
+
+namespace {
+
+constexpr float kQMax = 32767.0f;
+
+// v[0..n) -> int16 codes per block of xb: q = round_even(v * (32767 / max|v|)),
+// scale max|v| / 32767 (0 for an all-zero block), and each block's code sum.
+// Plain fp32 operations compiled once, so every path stages the same codes.
+void quantize_row(const float* v, int64_t n, int64_t xb, int16_t* q, float* scale, int32_t* sum) {
+  for (int64_t b = 0; b < n / xb; ++b) {
+    const float* src = v + b * xb;
+    float m = 0.0f;
+    for (int64_t i = 0; i < xb; ++i) m = std::max(m, std::fabs(src[i]));
+    int32_t total = 0;
+    if (m > 0.0f) {
+      const float inv = kQMax / m;
+      for (int64_t i = 0; i < xb; ++i) {
+        const float r = std::nearbyint(src[i] * inv);
+        const int32_t c = static_cast<int32_t>(std::min(kQMax, std::max(-kQMax, r)));
+        q[b * xb + i] = static_cast<int16_t>(c);
+        total += c;
+      }
+      scale[b] = m / kQMax;
+    } else {
+      std::fill(q + b * xb, q + (b + 1) * xb, int16_t{0});
+      scale[b] = 0.0f;
+    }
+    sum[b] = total;
+  }
+}
+
+// AMX takes x as two byte planes, x = 256 * hi + lo.
+void split_bytes(const int16_t* q, int64_t n, int8_t* hi, uint8_t* lo) {
+  for (int64_t i = 0; i < n; ++i) {
+    hi[i] = static_cast<int8_t>(q[i] >> 8);
+    lo[i] = static_cast<uint8_t>(q[i] & 0xff);
+  }
+}
+
+}  // namespace
+
+void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int64_t* ids, const float* weights,
+                           int64_t k, void* out, const std::vector<QuantSliceData>& data) {
+  const Layer& L = layer_;
+  const int64_t H = L.hidden, Hp = L.hidden_padded, bits = spec_.bits, g = spec_.group;
+  const bool bf16 = L.dtype == DType::BF16, grouped = g > 0;
+  const size_t esz = bf16 ? 2 : 4;
+  if (tokens < 0 || k < 0) throw std::invalid_argument("tokens and k must be >= 0");
+  if (data.size() != slices_.size()) throw std::invalid_argument("one QuantSliceData per slice is needed");
+  if (tokens == 0) return;
+  if (k == 0) {
+    std::memset(out, 0, to_size(checked_mul({tokens, H, static_cast<int64_t>(esz)}, "the output"), "the output"));
+    return;
+  }
+  std::lock_guard<ForkSafeMutex> lock(mu_);
+  const Routing R = route(L.experts, ids, weights, tokens, k);
+  const QPath path = choose_qpath();
+  const int64_t S = checked_mul(tokens, k, "the routing slots");
+  const int64_t rows_staged = checked_add(S, kQSlackRows, "the staged tokens");
+  const size_t P = slices_.size();
+  const int64_t xbH = xblock(Hp);
+
+  struct Bufs {
+    int16_t* xq;  // [S + slack][Hp] token codes grouped by expert
+    float* xsc;   // [S][Hp / xbH] their block scales
+    int32_t* xsm; // [S][Hp / xbH] their block sums
+    int8_t* xh;   // AMX byte planes of xq (null off AMX)
+    uint8_t* xl;
+    float* act;   // [S][Ip] SwiGLU activations in fp32
+    int16_t* aq;  // [S + slack][Ip] their codes, scales, sums, byte planes
+    float* asc;
+    int32_t* asm_;
+    int8_t* ah;
+    uint8_t* al;
+    float* y;     // [S][Hp] this slice's partial expert outputs
+  };
+  std::vector<Bufs> buf(P);
+  for (size_t p = 0; p < P; ++p) {
+    const int64_t Ip = slices_[p].row1 - slices_[p].row0, xbI = xblock(Ip);
+    auto carve = [&](Carver& c) {
+      Bufs& b = buf[p];
+      b.xq = c.take<int16_t>(checked_mul(rows_staged, Hp, "the staged tokens"));
+      b.xsc = c.take<float>(checked_mul(S, Hp / xbH, "the token scales"));
+      b.xsm = c.take<int32_t>(checked_mul(S, Hp / xbH, "the token sums"));
+      b.act = c.take<float>(checked_mul(S, Ip, "the activations"));
+      b.aq = c.take<int16_t>(checked_mul(rows_staged, Ip, "the activation codes"));
+      b.asc = c.take<float>(checked_mul(S, Ip / xbI, "the activation scales"));
+      b.asm_ = c.take<int32_t>(checked_mul(S, Ip / xbI, "the activation sums"));
+      b.y = c.take<float>(checked_mul(S, Hp, "the partial outputs"));
+      b.xh = nullptr;
+      b.xl = nullptr;
+      b.ah = nullptr;
+      b.al = nullptr;
+      if (path.amx) {
+        b.xh = c.take<int8_t>(checked_mul(rows_staged, Hp, "the staged tokens"));
+        b.xl = c.take<uint8_t>(checked_mul(rows_staged, Hp, "the staged tokens"));
+        b.ah = c.take<int8_t>(checked_mul(rows_staged, Ip, "the activation codes"));
+        b.al = c.take<uint8_t>(checked_mul(rows_staged, Ip, "the activation codes"));
+      }
+    };
+    Carver count;
+    carve(count);
+    Carver c{static_cast<char*>(scratch(pool, p, count.used))};
+    carve(c);
+    if (path.amx) {  // the slack rows AMX tiles read past the last token: defined values
+      std::memset(buf[p].xh + S * Hp, 0, kQSlackRows * Hp);
+      std::memset(buf[p].xl + S * Hp, 0, kQSlackRows * Hp);
+      std::memset(buf[p].ah + S * Ip, 0, kQSlackRows * Ip);
+      std::memset(buf[p].al + S * Ip, 0, kQSlackRows * Ip);
+    }
+  }
+
+  // Phase 0 stages token codes; 1 runs gate and up on 16 rows of one expert per
+  // item with SwiGLU; 2 quantizes the activations; 3 runs down on 32 hidden rows.
+  enum { kStage, kGateUp, kQuantAct, kDown, kPhases };
+  PhaseItems items(kPhases, std::vector<std::vector<Item>>(P));
+  for (size_t p = 0; p < P; ++p) {
+    const Slice& sl = slices_[p];
+    for (int64_t s0 = 0; s0 < S; s0 += 32) {
+      items[kStage][p].push_back({0, static_cast<int32_t>(s0), 0});
+      items[kQuantAct][p].push_back({0, static_cast<int32_t>(s0), 0});
+    }
+    for (int32_t e : R.active) {
+      if (sl.local[e] < 0) continue;
+      for (int64_t ib = sl.row0 / kBlock; ib < sl.row1 / kBlock; ++ib)
+        items[kGateUp][p].push_back({e, static_cast<int32_t>(ib), 0});
+      for (int64_t hb = 0; hb < Hp / (2 * kBlock); ++hb) items[kDown][p].push_back({e, static_cast<int32_t>(hb), 0});
+    }
+  }
+  const int64_t ngH = grouped ? Hp / g : 1;
+  run_phases(pool, slices_, items, [&](size_t phase, size_t p, const Item& it) {
+    const Slice& sl = slices_[p];
+    const Bufs& b = buf[p];
+    const int64_t Ip = sl.row1 - sl.row0, xbI = xblock(Ip);
+    if (phase == kStage || phase == kQuantAct) {
+      std::vector<float> row(phase == kStage ? Hp : 0);
+      for (int64_t s = it.index; s < std::min<int64_t>(S, it.index + 32); ++s) {
+        if (sl.local[R.expert[s]] < 0) continue;
+        if (phase == kStage) {
+          const char* src = static_cast<const char*>(x) + R.token[s] * H * esz;
+          if (bf16) {
+            const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
+            for (int64_t i = 0; i < H; ++i) row[i] = bf16_to_f32(h[i]);
+          } else {
+            std::memcpy(row.data(), src, H * sizeof(float));
+          }
+          std::fill(row.begin() + H, row.end(), 0.0f);
+          quantize_row(row.data(), Hp, xbH, b.xq + s * Hp, b.xsc + s * (Hp / xbH), b.xsm + s * (Hp / xbH));
+          if (path.amx) split_bytes(b.xq + s * Hp, Hp, b.xh + s * Hp, b.xl + s * Hp);
+        } else {
+          quantize_row(b.act + s * Ip, Ip, xbI, b.aq + s * Ip, b.asc + s * (Ip / xbI), b.asm_ + s * (Ip / xbI));
+          if (path.amx) split_bytes(b.aq + s * Ip, Ip, b.ah + s * Ip, b.al + s * Ip);
+        }
+      }
+      return;
+    }
+    const int64_t le = sl.local[it.expert], s0 = R.start[it.expert], m = R.count(it.expert);
+    alignas(64) float o[kQTokens * 32];
+    QFwdArgs a;
+    a.bits = static_cast<int>(bits);
+    a.grouped = grouped;
+    a.sbf16 = spec_.scale_bf16;
+    a.out = o;
+    if (phase == kGateUp) {
+      const int64_t blk = le * (sl.rows / kBlock) + it.index;
+      a.w = data[p].w13 + blk * qbytes(Hp, a.bits);
+      a.s = data[p].s13 + blk * ngH * 32;
+      a.K = Hp;
+      a.xb = xbH;
+      a.xs = Hp;
+      a.xbs = Hp / xbH;
+      const int64_t col = it.index * kBlock - sl.row0;
+      const bool save = data[p].save_gate != nullptr && data[p].save_up != nullptr;
+      for (int64_t c0 = 0; c0 < m; c0 += kQTokens) {
+        const int64_t s = s0 + c0;
+        a.m = std::min(kQTokens, m - c0);
+        a.x = b.xq + s * Hp;
+        a.xscale = b.xsc + s * a.xbs;
+        a.xsum = b.xsm + s * a.xbs;
+        a.xh = path.amx ? b.xh + s * Hp : nullptr;
+        a.xl = path.amx ? b.xl + s * Hp : nullptr;
+        run_qfwd(path, a);
+        for (int64_t c = 0; c < a.m; ++c) {
+          float* act = b.act + (s + c) * Ip + col;
+          for (int64_t r = 0; r < kBlock; ++r) {
+            const float gv = o[c * 32 + r], uv = o[c * 32 + kBlock + r];
+            act[r] = gv * sigmoid(gv) * uv;
+            if (save) {
+              data[p].save_gate[(s + c) * Ip + col + r] = gv;
+              data[p].save_up[(s + c) * Ip + col + r] = uv;
+            }
+          }
+        }
+      }
+    } else {  // kDown: hidden rows 32 * index .. + 32 over this slice's intermediate rows
+      const int64_t pair = le * (Hp / (2 * kBlock)) + it.index;
+      const int64_t ngR = grouped ? sl.rows / g : 1;
+      a.w = data[p].w2 + pair * qbytes(sl.rows, a.bits) + qbytes(sl.row0, a.bits);
+      a.s = data[p].s2 + pair * ngR * 32 + (grouped ? sl.row0 / g * 32 : 0);
+      a.K = Ip;
+      a.xb = xbI;
+      a.xs = Ip;
+      a.xbs = Ip / xbI;
+      for (int64_t c0 = 0; c0 < m; c0 += kQTokens) {
+        const int64_t s = s0 + c0;
+        a.m = std::min(kQTokens, m - c0);
+        a.x = b.aq + s * Ip;
+        a.xscale = b.asc + s * a.xbs;
+        a.xsum = b.asm_ + s * a.xbs;
+        a.xh = path.amx ? b.ah + s * Ip : nullptr;
+        a.xl = path.amx ? b.al + s * Ip : nullptr;
+        run_qfwd(path, a);
+        for (int64_t c = 0; c < a.m; ++c) std::memcpy(b.y + (s + c) * Hp + it.index * 32, o + c * 32, 32 * sizeof(float));
+      }
+    }
+  });
+
+  // out[t] = sum_j w[t, j] * sum over slices of y[slot(t, j)], in fixed order.
+  for_tokens(pool, tokens, static_cast<double>(k) * static_cast<double>(H) * static_cast<double>(P),
+             [&](int64_t t0, int64_t t1) {
+               std::vector<float> acc(H), part(H);
+               for (int64_t t = t0; t < t1; ++t) {
+                 std::fill(acc.begin(), acc.end(), 0.0f);
+                 for (int64_t j = 0; j < k; ++j) {
+                   const int64_t s = R.slot[t * k + j];
+                   const int32_t e = R.expert[s];
+                   bool first = true;
+                   for (size_t p = 0; p < P; ++p) {
+                     if (slices_[p].local[e] < 0) continue;
+                     const float* y = buf[p].y + s * Hp;
+                     if (first)
+                       std::copy(y, y + H, part.begin());
+                     else
+                       for (int64_t h = 0; h < H; ++h) part[h] += y[h];
+                     first = false;
+                   }
+                   const float w = R.weight[s];
+                   for (int64_t h = 0; h < H; ++h) acc[h] += w * part[h];
+                 }
+                 if (bf16) {
+                   uint16_t* o = static_cast<uint16_t*>(out) + t * H;
+                   for (int64_t h = 0; h < H; ++h) o[h] = f32_to_bf16(acc[h]);
+                 } else {
+                   std::copy(acc.begin(), acc.end(), static_cast<float*>(out) + t * H);
+                 }
+               }
+             });
+}
+
+}  // namespace experts
+}  // namespace cnuma
