@@ -6,18 +6,11 @@
 #include <algorithm>
 
 #include "kernels/experts/generic.h"
+#include "kernels/experts/amx_tiles.h"
 
 namespace cnuma {
 namespace experts {
 namespace {
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // AMX: C tiles 0-3 = (tokens 0-15, 16-31) x (block 0, block 1); A tiles 4-5 hold
 // 16 token rows x 32 k; B tiles 6-7 are 32 k of one block: 16 k-steps of the

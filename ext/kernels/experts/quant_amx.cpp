@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "kernels/experts/quant.h"
+#include "kernels/experts/amx_tiles.h"
 
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx2,fma")
@@ -27,14 +28,6 @@
 namespace cnuma {
 namespace experts {
 namespace {
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // Tiles: 0-3 C (block 0: high, low plane; block 1: high, low), 4-5 A (xh, xl:
 // 16 tokens x kt bytes), 6-7 B (block 0, 1: kt/4 rows of 16 columns x 4 k).
