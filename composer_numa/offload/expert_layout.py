@@ -78,3 +78,34 @@ def _check_size(need: int, nodes: Sequence[int]) -> None:
     if need > room:
         raise MemoryError(f"NumaExperts: the expert weights need {format_size(need)}; NUMA node(s) {distinct} "
                           f"can give {format_size(room)}")
+
+
+def _check_sizes(num_experts: object, hidden: object, intermediate: object) -> None:
+    """One-line ValueError for a layer size that is not a positive int (both layers' constructors)."""
+    for name, v in (("num_experts", num_experts), ("hidden", hidden), ("intermediate", intermediate)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"NumaExperts: {name} must be a positive int, got {v!r}")
+
+
+def _check_options(dtype: object, placement: object, fallback: object) -> None:
+    """One-line errors for the options both layers take: activation dtype, placement, fallback."""
+    if dtype not in _DTYPES:
+        raise TypeError(f"NumaExperts: dtype must be torch.bfloat16 or torch.float32, got {dtype}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"NumaExperts: placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    if fallback not in (None, "split"):
+        raise ValueError(f"NumaExperts: fallback must be None or 'split', got {fallback!r}")
+
+
+def _dense_shape(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[int, int, int]:
+    """(experts, intermediate, hidden) of stacked ``nn.Linear``-layout weights, or a one-line ValueError."""
+    for name, t in (("gate", gate), ("up", up), ("down", down)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"NumaExperts.from_dense: {name} must be a 3-D tensor")
+    E, inter, H = gate.shape
+    if tuple(up.shape) != (E, inter, H) or tuple(down.shape) != (E, H, inter):
+        raise ValueError(
+            f"NumaExperts.from_dense: expected gate and up [E, intermediate, hidden] and down "
+            f"[E, hidden, intermediate]; got gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
+            f"down {tuple(down.shape)}")
+    return E, inter, H

@@ -44,7 +44,10 @@ from composer_numa.offload.expert_layout import (  # noqa: F401  (_plan, _Slice:
     _BLOCK,
     _DTYPES,
     PLACEMENTS,
+    _check_options,
     _check_size,
+    _check_sizes,
+    _dense_shape,
     _local_index,
     _plan,
     _round_up,
@@ -192,15 +195,8 @@ class NumaExperts(nn.Module):
         init: bool = True,
     ) -> None:
         super().__init__()
-        for name, v in (("num_experts", num_experts), ("hidden", hidden), ("intermediate", intermediate)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"NumaExperts: {name} must be a positive int, got {v!r}")
-        if dtype not in _DTYPES:
-            raise TypeError(f"NumaExperts: dtype must be torch.bfloat16 or torch.float32, got {dtype}")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"NumaExperts: placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
-        if fallback not in (None, "split"):
-            raise ValueError(f"NumaExperts: fallback must be None or 'split', got {fallback!r}")
+        _check_sizes(num_experts, hidden, intermediate)
+        _check_options(dtype, placement, fallback)
         self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
         self.dtype = dtype
         self.hidden_padded = _round_up(hidden, _ALIGN)
@@ -365,16 +361,7 @@ class NumaExperts(nn.Module):
         weight_dtype = options.pop("weight_dtype", None)
         if weight_dtype is not None:
             return QuantizedNumaExperts.quantize(gate, up, down, weight_dtype=weight_dtype, **options)
-        for name, t in (("gate", gate), ("up", up), ("down", down)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3:
-                raise ValueError(f"NumaExperts.from_dense: {name} must be a 3-D tensor")
-        E, inter, H = gate.shape
-        if tuple(up.shape) != (E, inter, H) or tuple(down.shape) != (E, H, inter):
-            raise ValueError(
-                f"NumaExperts.from_dense: expected gate and up [E, intermediate, hidden] and down "
-                f"[E, hidden, intermediate]; got gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
-                f"down {tuple(down.shape)}"
-            )
+        E, inter, H = _dense_shape(gate, up, down)
         options.setdefault("dtype", gate.dtype if gate.dtype in _DTYPES else torch.bfloat16)
         layer = cls(E, H, inter, init=False, **options)
         with torch.no_grad():

@@ -46,8 +46,10 @@ from composer_numa.offload import memory, runtime
 from composer_numa.offload.expert_layout import (
     _ALIGN,
     _DTYPES,
-    PLACEMENTS,
+    _check_options,
     _check_size,
+    _check_sizes,
+    _dense_shape,
     _local_index,
     _plan,
     _round_up,
@@ -177,9 +179,7 @@ class QuantizedWeights:
         fallback: str | None = None,
     ) -> None:
         nn.Module.__init__(self)
-        for name, v in (("num_experts", num_experts), ("hidden", hidden), ("intermediate", intermediate)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"NumaExperts: {name} must be a positive int, got {v!r}")
+        _check_sizes(num_experts, hidden, intermediate)
         if weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"NumaExperts: weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, "
                              f"got {weight_dtype!r}")
@@ -194,12 +194,7 @@ class QuantizedWeights:
                     raise ValueError(f"NumaExperts: group_size {group_size} does not divide {name} {v}")
         if scale_dtype not in _SCALE_DTYPES:
             raise ValueError(f"NumaExperts: scale_dtype must be torch.float16 or torch.bfloat16, got {scale_dtype}")
-        if dtype not in _DTYPES:
-            raise TypeError(f"NumaExperts: dtype must be torch.bfloat16 or torch.float32, got {dtype}")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"NumaExperts: placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
-        if fallback not in (None, "split"):
-            raise ValueError(f"NumaExperts: fallback must be None or 'split', got {fallback!r}")
+        _check_options(dtype, placement, fallback)
         self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
         self.dtype = dtype
         self.weight_dtype, self.group_size, self.scale_dtype = weight_dtype, group_size, scale_dtype
@@ -295,15 +290,7 @@ class QuantizedWeights:
                  group_size: int | None = None, scale_dtype: torch.dtype = torch.float16,
                  **options: Any) -> QuantizedWeights:
         """Quantize dense ``gate``, ``up`` ``[E, I, H]`` and ``down`` ``[E, H, I]`` (see the module docstring)."""
-        for name, t in (("gate", gate), ("up", up), ("down", down)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3:
-                raise ValueError(f"NumaExperts.from_dense: {name} must be a 3-D tensor")
-        E, inter, H = gate.shape
-        if tuple(up.shape) != (E, inter, H) or tuple(down.shape) != (E, H, inter):
-            raise ValueError(
-                f"NumaExperts.from_dense: expected gate and up [E, intermediate, hidden] and down "
-                f"[E, hidden, intermediate]; got gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
-                f"down {tuple(down.shape)}")
+        E, inter, H = _dense_shape(gate, up, down)
         options.setdefault("dtype", gate.dtype if gate.dtype in _DTYPES else torch.bfloat16)
         layer = cls(E, H, inter, weight_dtype=weight_dtype, group_size=group_size, scale_dtype=scale_dtype,
                     **options)

@@ -97,8 +97,11 @@ std::vector<experts::SliceData> check_weights(const experts::Experts& ex, const 
   return d;
 }
 
-void check_saved(const experts::Experts& ex, std::vector<experts::SliceData>& d, int64_t slots,
-                 const std::vector<Array>& gate, const std::vector<Array>& up) {
+// The forward's saved pre-activations, per slice (the float and the quantized
+// layers' slice data both carry save_gate / save_up).
+template <class Ex, class Data>
+void check_saved(const Ex& ex, std::vector<Data>& d, int64_t slots, const std::vector<Array>& gate,
+                 const std::vector<Array>& up) {
   const size_t P = ex.slices().size();
   if (gate.size() != P || up.size() != P)
     throw std::invalid_argument("NumaExperts: one saved gate and up tensor per slice are needed");
@@ -120,10 +123,6 @@ experts::DType parse_dtype(const std::string& s) {
 
 
 // ------------------------------------------------------------ quantized --
-
-struct QuantTensors {
-  std::vector<experts::QuantSliceData> d;
-};
 
 void check_bytes(const Array& a, const std::string& name, int64_t bytes) {
   check_tensor(a, name);
@@ -163,21 +162,6 @@ std::vector<experts::QuantSliceData> check_quant(const experts::QuantExperts& ex
     d[p].s2 = static_cast<const uint16_t*>(s2[p].data());
   }
   return d;
-}
-
-void check_quant_saved(const experts::QuantExperts& ex, std::vector<experts::QuantSliceData>& d, int64_t slots,
-                       const std::vector<Array>& gate, const std::vector<Array>& up) {
-  const size_t P = ex.slices().size();
-  if (gate.size() != P || up.size() != P)
-    throw std::invalid_argument("NumaExperts: one saved gate and up tensor per slice are needed");
-  for (size_t p = 0; p < P; ++p) {
-    const experts::Slice& s = ex.slices()[p];
-    const int64_t n = slots * (s.row1 - s.row0);
-    check_flat(gate[p], "saved gate[" + std::to_string(p) + "]", n, false, ex.layer().dtype);
-    check_flat(up[p], "saved up[" + std::to_string(p) + "]", n, false, ex.layer().dtype);
-    d[p].save_gate = static_cast<float*>(gate[p].data());
-    d[p].save_up = static_cast<float*>(up[p].data());
-  }
 }
 
 void register_quant(nb::module_& m) {
@@ -231,7 +215,7 @@ void register_quant(nb::module_& m) {
              std::vector<experts::QuantSliceData> d = check_quant(ex, w13, w2, s13, s2);
              if (save_gate.has_value() != save_up.has_value())
                throw std::invalid_argument("NumaExperts: save_gate and save_up go together");
-             if (save_gate) check_quant_saved(ex, d, c.tokens * c.k, *save_gate, *save_up);
+             if (save_gate) check_saved(ex, d, c.tokens * c.k, *save_gate, *save_up);
              const void* xp = x.data();
              void* op = out.data();
              nb::gil_scoped_release release;
@@ -253,7 +237,7 @@ void register_quant(nb::module_& m) {
              if (!is_dtype(dweights, nb::dlpack::dtype_code::Float, 32))
                throw std::invalid_argument("NumaExperts: grad_topk_weights must be float32");
              std::vector<experts::QuantSliceData> d = check_quant(ex, w13, w2, s13, s2);
-             check_quant_saved(ex, d, c.tokens * c.k, save_gate, save_up);
+             check_saved(ex, d, c.tokens * c.k, save_gate, save_up);
              const void* dp = dout.data();
              void* dxp = dx.data();
              float* dwp = static_cast<float*>(dweights.data());

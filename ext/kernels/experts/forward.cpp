@@ -10,6 +10,7 @@
 #include "common/checked.h"
 #include "kernels/experts/experts.h"
 #include "kernels/experts/microkernels.h"
+#include "kernels/experts/combine.h"
 #include "kernels/experts/routing.h"
 
 namespace cnuma {
@@ -130,34 +131,9 @@ void Experts::forward(Pool& pool, const void* x, int64_t tokens, const int64_t* 
   });
 
   // out[t] = sum_j w[t, j] * sum over slices of y[slot(t, j)], in fixed order.
-  for_tokens(pool, tokens, static_cast<double>(k) * static_cast<double>(H) * static_cast<double>(P), [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(H), part(H);
-    for (int64_t t = t0; t < t1; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t s = R.slot[t * k + j];
-        const int32_t e = R.expert[s];
-        bool first = true;
-        for (size_t p = 0; p < P; ++p) {
-          if (slices_[p].local[e] < 0) continue;
-          const float* y = buf[p].y + s * Hp;
-          if (first)
-            std::copy(y, y + H, part.begin());
-          else
-            for (int64_t h = 0; h < H; ++h) part[h] += y[h];
-          first = false;
-        }
-        const float w = R.weight[s];
-        for (int64_t h = 0; h < H; ++h) acc[h] += w * part[h];
-      }
-      if (bf16) {
-        uint16_t* o = static_cast<uint16_t*>(out) + t * H;
-        for (int64_t h = 0; h < H; ++h) o[h] = f32_to_bf16(acc[h]);
-      } else {
-        std::copy(acc.begin(), acc.end(), static_cast<float*>(out) + t * H);
-      }
-    }
-  });
+  std::vector<const float*> ys(P);
+  for (size_t p = 0; p < P; ++p) ys[p] = buf[p].y;
+  combine_outputs(pool, R, tokens, k, H, Hp, slices_, ys, bf16, out);
 }
 
 }  // namespace experts

@@ -7,6 +7,7 @@
 #include "common/checked.h"
 #include "kernels/experts/experts.h"
 #include "runtime/mempolicy.h"
+#include "kernels/experts/combine.h"
 #include "runtime/node_buffer.h"
 
 namespace cnuma {
@@ -70,14 +71,7 @@ int64_t Experts::w2_elements(size_t p) const {
 }
 
 void* Experts::scratch(Pool& pool, size_t p, int64_t bytes) {
-  std::unique_ptr<NodeBuffer>& buf = scratch_[p];
-  const size_t want = to_size(bytes == 0 ? 64 : bytes, "an expert scratch buffer");
-  if (!buf || buf->size() < want) {
-    const size_t grown = buf ? std::max(want, buf->size() + buf->size() / 2) : want;
-    buf.reset();
-    buf = NodeBuffer::allocate(&pool, grown, {slices_[p].node}, Policy::Preferred);
-  }
-  return buf->data();
+  return grow_scratch(pool, scratch_[p], slices_[p].node, bytes);
 }
 
 }  // namespace experts

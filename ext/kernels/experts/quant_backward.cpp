@@ -10,6 +10,7 @@
 #include "common/bf16.h"
 #include "common/checked.h"
 #include "kernels/experts/quant.h"
+#include "kernels/experts/combine.h"
 #include "kernels/experts/routing.h"
 #include "kernels/experts/vector.h"
 
@@ -152,33 +153,9 @@ void QuantExperts::backward(Pool& pool, const void* dout, int64_t tokens, const 
   });
 
   // Reduce the partial input gradients and routing-weight gradients over slices.
-  for_tokens(pool, tokens, static_cast<double>(k) * static_cast<double>(H) * static_cast<double>(P),
-             [&](int64_t t0, int64_t t1) {
-               std::vector<float> acc(H);
-               for (int64_t t = t0; t < t1; ++t) {
-                 std::fill(acc.begin(), acc.end(), 0.0f);
-                 for (int64_t j = 0; j < k; ++j) {
-                   const int64_t s = R.slot[t * k + j];
-                   const int32_t e = R.expert[s];
-                   float dw = 0.0f;
-                   for (size_t p = 0; p < P; ++p) {
-                     const Slice& sl = slices_[p];
-                     if (sl.local[e] < 0) continue;
-                     const float* d = buf[p].dxp + s * Hp;
-                     for (int64_t h = 0; h < H; ++h) acc[h] += d[h];
-                     const int64_t chunks = (sl.row1 - sl.row0) / 8;
-                     for (int64_t c = 0; c < chunks; ++c) dw += buf[p].dwpart[s * chunks + c];
-                   }
-                   dweights[t * k + j] = dw;
-                 }
-                 if (bf16) {
-                   uint16_t* o = static_cast<uint16_t*>(dx) + t * H;
-                   for (int64_t h = 0; h < H; ++h) o[h] = f32_to_bf16(acc[h]);
-                 } else {
-                   std::copy(acc.begin(), acc.end(), static_cast<float*>(dx) + t * H);
-                 }
-               }
-             });
+  std::vector<const float*> dxps(P), dwparts(P);
+  for (size_t p = 0; p < P; ++p) dxps[p] = buf[p].dxp, dwparts[p] = buf[p].dwpart;
+  combine_input_grads(pool, R, tokens, k, H, Hp, slices_, dxps, dwparts, bf16, dx, dweights);
 }
 
 }  // namespace experts

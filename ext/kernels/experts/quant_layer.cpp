@@ -6,6 +6,7 @@
 #include "common/checked.h"
 #include "kernels/experts/quant.h"
 #include "runtime/mempolicy.h"
+#include "kernels/experts/combine.h"
 #include "runtime/node_buffer.h"
 
 namespace cnuma {
@@ -80,14 +81,7 @@ int64_t QuantExperts::xblock(int64_t reduction) const {
 }
 
 void* QuantExperts::scratch(Pool& pool, size_t p, int64_t bytes) {
-  std::unique_ptr<NodeBuffer>& buf = scratch_[p];
-  const size_t want = to_size(bytes == 0 ? 64 : bytes, "an expert scratch buffer");
-  if (!buf || buf->size() < want) {
-    const size_t grown = buf ? std::max(want, buf->size() + buf->size() / 2) : want;
-    buf.reset();
-    buf = NodeBuffer::allocate(&pool, grown, {slices_[p].node}, Policy::Preferred);
-  }
-  return buf->data();
+  return grow_scratch(pool, scratch_[p], slices_[p].node, bytes);
 }
 
 }  // namespace experts

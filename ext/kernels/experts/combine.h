@@ -1,0 +1,36 @@
+// What the float and the quantized layers share around their kernels: the last
+// step of a call (the slices' partial results summed per token in a fixed order,
+// slice order then choice order, so the result does not depend on the thread
+// count) and the per-slice scratch buffers.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kernels/experts/experts.h"
+#include "kernels/experts/routing.h"
+#include "runtime/node_buffer.h"
+#include "runtime/pool.h"
+
+namespace cnuma {
+namespace experts {
+
+// out[t] = sum_j weight(t, j) * (sum over the slices p holding expert(t, j) of
+// y[p][slot(t, j) * Hp ...]); out is bf16 or float32 [tokens][H].
+void combine_outputs(Pool& pool, const Routing& R, int64_t tokens, int64_t k, int64_t H, int64_t Hp,
+                     const std::vector<Slice>& slices, const std::vector<const float*>& y, bool bf16, void* out);
+
+// dx[t] = sum_j sum_p dxp[p][slot(t, j) * Hp ...] and dweights[t * k + j] = sum_p
+// of the slice's per-8-row partial sums dwpart[p][slot * chunks ...].
+void combine_input_grads(Pool& pool, const Routing& R, int64_t tokens, int64_t k, int64_t H, int64_t Hp,
+                         const std::vector<Slice>& slices, const std::vector<const float*>& dxp,
+                         const std::vector<const float*>& dwpart, bool bf16, void* dx, float* dweights);
+
+// A slice's scratch buffer, on its node, at least `bytes` long: grown by half
+// again when too small (so a call with more tokens reallocates rarely), then
+// reused by every later call. Returns its data.
+void* grow_scratch(Pool& pool, std::unique_ptr<NodeBuffer>& buf, int node, int64_t bytes);
+
+}  // namespace experts
+}  // namespace cnuma
