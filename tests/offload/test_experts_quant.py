@@ -166,6 +166,25 @@ def test_every_simd_path_gives_the_same_bits(monkeypatch, fmt):
             assert torch.equal(a, b), level
 
 
+@pytest.mark.parametrize("fmt", [("int8", None), ("int8", 32), ("int4", 32)], ids=["int8-row", "int8-g32", "int4-g32"])
+def test_a_token_gets_the_same_bits_alone_and_in_a_batch(monkeypatch, fmt):
+    # Alone, a token is decode: its experts' block pairs are read several side by side (groups of
+    # 4 and 3 of the 7 down pairs, 2 and 4 gate/up blocks in the two slices); in a batch of 40 tokens
+    # each expert has many (AMX where present). Every path must give each token the same bits.
+    wd, gs = fmt
+    layer = NumaExperts.from_dense(*dense(7, h=224, i=96), weight_dtype=wd, group_size=gs, dtype=torch.float32,
+                                   nodes=[0, 0])
+    ids, w = routing(40, 2, seed=8)
+    x = torch.randn(40, 224)
+    for level in simd_paths():
+        monkeypatch.setenv("COMPOSER_NUMA_SIMD", level)
+        with torch.no_grad():
+            batch = layer(x, ids, w)
+            for t in (0, 17, 39):
+                alone = layer(x[t:t + 1], ids[t:t + 1], w[t:t + 1])
+                assert torch.equal(alone[0], batch[t]), (level, t)
+
+
 @pytest.mark.parametrize("fmt", [("int8", None), ("int4", 32)], ids=["int8-row", "int4-g32"])
 def test_one_and_two_workers_give_identical_bits(fmt):
     wd, gs = fmt

@@ -116,10 +116,17 @@ constexpr int64_t kQSlackRows = 32;     // spare staged rows: AMX loads whole 16
 // Bytes of a reduction of K elements in one interleaved pair of blocks: 32 rows * K * bits / 8.
 inline int64_t qbytes(int64_t K, int bits) { return K * 4 * bits; }
 
-// One forward item: 32 output rows (two interleaved blocks) times m <= kQTokens tokens.
+// One forward item: `pairs` interleaved block pairs (32 output rows each) times
+// m <= kQTokens tokens. Decode (m <= kQStreamTokens) reads up to kQStreams
+// pairs side by side, one stream each; otherwise one pair after another.
+constexpr int64_t kQStreams = 4;
+constexpr int64_t kQStreamTokens = 2;
 struct QFwdArgs {
-  const uint8_t* w;   // the blocks' stream at the item's first k
-  const uint16_t* s;  // their scales: [K / xb][2][16] when grouped, else [2][16]
+  const uint8_t* w;   // the first pair's stream at the item's first k
+  int64_t wstride;    // bytes from one pair's stream to the next
+  const uint16_t* s;  // the first pair's scales: [K / xb][2][16] when grouped, else [2][16]
+  int64_t sstride;    // elements from one pair's scales to the next
+  int64_t pairs;      // >= 1; AMX takes one
   int64_t K;          // reduction length (a multiple of xb)
   int64_t xb;         // activation block (== group when grouped): 32, 64 or 128
   bool grouped;
@@ -133,7 +140,7 @@ struct QFwdArgs {
   const int8_t* xh;       // AMX only: high and low bytes of x (x = 256 * xh + xl), else null
   const uint8_t* xl;
   int64_t m;
-  float* out;  // [m][32] fp32
+  float* out;  // [pairs][m][32] fp32
 };
 
 // Backward: out[s][0..8) = sum over rows r of dy_s[r] * W[r][c0 .. c0+8), W

@@ -126,7 +126,7 @@ void qfwd_amx(const QFwdArgs& a) {
       }
     }
   }
-  qgen::finish_rows(a, sw);
+  if (!a.grouped) qgen::finish_rows(a.out, a.m, sw);
   _tile_release();
 }
 

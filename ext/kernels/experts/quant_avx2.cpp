@@ -22,7 +22,9 @@ namespace experts {
 namespace {
 
 struct Avx2Ops {
-  static constexpr int C = 4;  // tokens per pass: 8 accumulators + weights fit the 16 registers
+  static constexpr int C = 2;       // tokens per pass: 2 blocks x 2 tokens x 2 registers + weights fit the 16
+  static constexpr int kChains = 1;  // the chain is one add: no split needed
+  static constexpr int kStreams = 2; // pairs side by side in decode: 2 x 2 x 2 x 2 registers at most
   struct V {
     __m256i a, b;  // rows 0-7, 8-15
   };
@@ -30,16 +32,18 @@ struct Avx2Ops {
     __m256i a, b;  // [8 rows][2 k] int16 each
   };
   static CNUMA_INLINE V zero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+  static CNUMA_INLINE V add(const V& x, const V& y) { return {_mm256_add_epi32(x.a, y.a), _mm256_add_epi32(x.b, y.b)}; }
   static CNUMA_INLINE W load8(const uint8_t* p) {
     return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
             _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)))};
   }
+  // One widening per 8 rows for both nibbles: the low one masked, the high one shifted down.
   static CNUMA_INLINE void load4(const uint8_t* p, W& lo, W& hi) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i mask = _mm256_set1_epi8(0x0f);
-    const __m256i l = _mm256_and_si256(v, mask), h = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-    lo = {_mm256_cvtepu8_epi16(_mm256_castsi256_si128(l)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256(l, 1))};
-    hi = {_mm256_cvtepu8_epi16(_mm256_castsi256_si128(h)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256(h, 1))};
+    const __m256i a = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+    const __m256i mask = _mm256_set1_epi16(0x0f);
+    lo = {_mm256_and_si256(a, mask), _mm256_and_si256(b, mask)};
+    hi = {_mm256_srli_epi16(a, 4), _mm256_srli_epi16(b, 4)};
   }
   static CNUMA_INLINE void madd(V& acc, const W& w, int32_t pair) {
     const __m256i x = _mm256_set1_epi32(pair);

@@ -22,6 +22,7 @@ namespace experts {
 namespace {
 
 struct Avx512Ops : ZmmOps {
+  static constexpr int kChains = 1;  // the chain is one add: no split needed
   static CNUMA_INLINE void madd(V& acc, const W& w, int32_t pair) {
     acc = _mm512_add_epi32(acc, _mm512_madd_epi16(w, _mm512_set1_epi32(pair)));
   }

@@ -35,7 +35,7 @@ std::string quant_kernel_name() {
 
 void run_qfwd(const QPath& p, const QFwdArgs& a) {
 #if CNUMA_X86
-  if (p.amx && a.m >= kQAmxMinTokens && a.xh != nullptr) return qfwd_amx(a);
+  if (p.amx && a.m >= kQAmxMinTokens && a.pairs == 1 && a.xh != nullptr) return qfwd_amx(a);
   if (p.vnni) return qfwd_vnni(a);
   if (p.isa == Isa::Avx512) return qfwd_avx512(a);
   if (p.isa == Isa::Avx2) return qfwd_avx2(a);

@@ -141,9 +141,14 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
     }
     for (int32_t e : R.active) {
       if (sl.local[e] < 0) continue;
-      for (int64_t ib = sl.row0 / kBlock; ib < sl.row1 / kBlock; ++ib)
-        items[kGateUp][p].push_back({e, static_cast<int32_t>(ib), 0});
-      for (int64_t hb = 0; hb < Hp / (2 * kBlock); ++hb) items[kDown][p].push_back({e, static_cast<int32_t>(hb), 0});
+      // Decode: kQStreams consecutive blocks per item, read side by side.
+      const int64_t per = R.count(e) <= kQStreamTokens ? kQStreams : 1;
+      const int64_t ib1 = sl.row1 / kBlock, hb1 = Hp / (2 * kBlock);
+      for (int64_t ib = sl.row0 / kBlock; ib < ib1; ib += per)
+        items[kGateUp][p].push_back(
+            {e, static_cast<int32_t>(ib), 0, static_cast<int32_t>(std::min(per, ib1 - ib))});
+      for (int64_t hb = 0; hb < hb1; hb += per)
+        items[kDown][p].push_back({e, static_cast<int32_t>(hb), 0, static_cast<int32_t>(std::min(per, hb1 - hb))});
     }
   }
   const int64_t ngH = grouped ? Hp / g : 1;
@@ -174,16 +179,19 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
       return;
     }
     const int64_t le = sl.local[it.expert], s0 = R.start[it.expert], m = R.count(it.expert);
-    alignas(64) float o[kQTokens * 32];
+    alignas(64) float o[std::max(kQTokens, kQStreams * kQStreamTokens) * 32];
     QFwdArgs a;
     a.bits = static_cast<int>(bits);
     a.grouped = grouped;
     a.sbf16 = spec_.scale_bf16;
+    a.pairs = it.count;
     a.out = o;
     if (phase == kGateUp) {
       const int64_t blk = le * (sl.rows / kBlock) + it.index;
       a.w = data[p].w13 + blk * qbytes(Hp, a.bits);
+      a.wstride = qbytes(Hp, a.bits);
       a.s = data[p].s13 + blk * ngH * 32;
+      a.sstride = ngH * 32;
       a.K = Hp;
       a.xb = xbH;
       a.xs = Hp;
@@ -199,14 +207,17 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
         a.xh = path.amx ? b.xh + s * Hp : nullptr;
         a.xl = path.amx ? b.xl + s * Hp : nullptr;
         run_qfwd(path, a);
-        for (int64_t c = 0; c < a.m; ++c) {
-          float* act = b.act + (s + c) * Ip + col;
-          for (int64_t r = 0; r < kBlock; ++r) {
-            const float gv = o[c * 32 + r], uv = o[c * 32 + kBlock + r];
-            act[r] = gv * sigmoid(gv) * uv;
-            if (save) {
-              data[p].save_gate[(s + c) * Ip + col + r] = gv;
-              data[p].save_up[(s + c) * Ip + col + r] = uv;
+        for (int64_t q = 0; q < it.count; ++q) {
+          for (int64_t c = 0; c < a.m; ++c) {
+            const float* oc = o + (q * a.m + c) * 32;
+            const int64_t at = (s + c) * Ip + col + q * kBlock;
+            for (int64_t r = 0; r < kBlock; ++r) {
+              const float gv = oc[r], uv = oc[kBlock + r];
+              b.act[at + r] = gv * sigmoid(gv) * uv;
+              if (save) {
+                data[p].save_gate[at + r] = gv;
+                data[p].save_up[at + r] = uv;
+              }
             }
           }
         }
@@ -215,7 +226,9 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
       const int64_t pair = le * (Hp / (2 * kBlock)) + it.index;
       const int64_t ngR = grouped ? sl.rows / g : 1;
       a.w = data[p].w2 + pair * qbytes(sl.rows, a.bits) + qbytes(sl.row0, a.bits);
+      a.wstride = qbytes(sl.rows, a.bits);
       a.s = data[p].s2 + pair * ngR * 32 + (grouped ? sl.row0 / g * 32 : 0);
+      a.sstride = ngR * 32;
       a.K = Ip;
       a.xb = xbI;
       a.xs = Ip;
@@ -229,7 +242,9 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
         a.xh = path.amx ? b.ah + s * Ip : nullptr;
         a.xl = path.amx ? b.al + s * Ip : nullptr;
         run_qfwd(path, a);
-        for (int64_t c = 0; c < a.m; ++c) std::memcpy(b.y + (s + c) * Hp + it.index * 32, o + c * 32, 32 * sizeof(float));
+        for (int64_t q = 0; q < it.count; ++q)
+          for (int64_t c = 0; c < a.m; ++c)
+            std::memcpy(b.y + (s + c) * Hp + (it.index + q) * 32, o + (q * a.m + c) * 32, 32 * sizeof(float));
       }
     }
   });

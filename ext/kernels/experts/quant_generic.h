@@ -3,7 +3,7 @@
 // `#pragma GCC target` region (after every other header, so nothing shared is
 // compiled for that target) with an `Ops` struct of 16-row integer
 // primitives. Everything here has internal linkage: each file gets its own
-// copy, compiled for its target. The the control flow, the integer sums and the fp32 operations (in
+// copy, compiled for its target. The control flow, the integer sums and the fp32 operations (in
 // one order, no contraction: the quant files build with -ffp-contract=off) are
 // the same on every path, so every path gives the same bits.
 #pragma once
@@ -76,71 +76,139 @@ CNUMA_INLINE int32_t pair_at(const int16_t* x) {
   return v;
 }
 
-// acc[c] = the integer sums of one block (16 rows) over one activation block of
-// xb elements, for N tokens. `w` is the block's first k-step (64-byte steps).
-template <class O, int N>
-CNUMA_INLINE void qdot(const uint8_t* w, int bits, int64_t xb, const int16_t* x, int64_t xs, typename O::V* acc,
-                       bool prefetch) {
-  for (int c = 0; c < N; ++c) acc[c] = O::zero();
+// The integer sums of both 16-row blocks of S pairs over one activation block
+// of xb elements, for N tokens: acc[(2 * s + half) * N + c]. Pair s's stream
+// starts at w + s * wstride (its k-steps are 64 bytes: 32 per block). Decode
+// reads S pairs side by side: one core streams S ranges at once, which keeps
+// more of memory's bandwidth busy than one sequential range does. With few
+// accumulators a fused multiply-add's latency shows, so each one is split into
+// U partial sums over alternating k-steps (O::kChains chains wanted). Every sum
+// is an exact integer: neither the streams nor the split can change it.
+template <class O, int N, int S>
+CNUMA_INLINE void qdot(const uint8_t* w, int64_t wstride, int bits, int64_t xb, const int16_t* x, int64_t xs,
+                       typename O::V* acc, bool prefetch) {
+  constexpr int A = 2 * N * S;
+  constexpr int U = O::kChains > A ? O::kChains / A : 1;  // 1, 2 or 4: divides every step count
+  typename O::V part[U][A];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < A; ++i) part[u][i] = O::zero();
   if (bits == 8) {
-    for (int64_t j = 0; j < xb / 2; ++j) {
-      if (prefetch) __builtin_prefetch(w + j * 64 + kQPrefetchBytes, 0, 3);
-      const typename O::W v = O::load8(w + j * 64);
-      for (int c = 0; c < N; ++c) O::madd(acc[c], v, pair_at(x + c * xs + 2 * j));
-    }
-  } else {
-    for (int64_t j = 0; j < xb / 4; ++j) {
-      if (prefetch) __builtin_prefetch(w + j * 64 + kQPrefetchBytes, 0, 3);
-      typename O::W lo, hi;
-      O::load4(w + j * 64, lo, hi);
-      for (int c = 0; c < N; ++c) {
-        O::madd(acc[c], lo, pair_at(x + c * xs + 4 * j));
-        O::madd(acc[c], hi, pair_at(x + c * xs + 4 * j + 2));
+    for (int64_t j0 = 0; j0 < xb / 2; j0 += U) {
+      for (int u = 0; u < U; ++u) {
+        const int64_t j = j0 + u;
+        int32_t pair[N];
+        for (int c = 0; c < N; ++c) pair[c] = pair_at(x + c * xs + 2 * j);
+        for (int s = 0; s < S; ++s) {
+          const uint8_t* p = w + s * wstride + j * 64;
+          if (prefetch) __builtin_prefetch(p + kQPrefetchBytes, 0, 3);
+          const typename O::W v0 = O::load8(p), v1 = O::load8(p + 32);
+          for (int c = 0; c < N; ++c) {
+            O::madd(part[u][2 * s * N + c], v0, pair[c]);
+            O::madd(part[u][(2 * s + 1) * N + c], v1, pair[c]);
+          }
+        }
       }
     }
-  }
-}
-
-template <class O, int N = 1>
-CNUMA_INLINE void qdot_n(int n, const uint8_t* w, int bits, int64_t xb, const int16_t* x, int64_t xs,
-                         typename O::V* acc, bool prefetch) {
-  if constexpr (N <= O::C) {
-    if (n == N) return qdot<O, N>(w, bits, xb, x, xs, acc, prefetch);
-    qdot_n<O, N + 1>(n, w, bits, xb, x, xs, acc, prefetch);
-  }
-}
-
-// The fp32 part every path shares: out += float(isum - comp) * (sx * sw[r])
-// (grouped) or * sx (per row, the row scale multiplied in at the end).
-CNUMA_INLINE void finish_rows(const QFwdArgs& a, const float* sw) {
-  if (a.grouped) return;
-  for (int64_t c = 0; c < a.m; ++c)
-    for (int r = 0; r < 32; ++r) a.out[c * 32 + r] = a.out[c * 32 + r] * sw[r];
-}
-
-template <class O>
-CNUMA_INLINE void qfwd(const QFwdArgs& a) {
-  alignas(64) float sw[32];
-  std::fill(a.out, a.out + a.m * 32, 0.0f);
-  if (!a.grouped) scales32(a.s, a.sbf16, sw);
-  const int64_t nb = a.K / a.xb, step = qbytes(a.xb, a.bits);
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* w = a.w + b * step;
-    if (a.grouped) scales32(a.s + b * 32, a.sbf16, sw);
-    for (int64_t c0 = 0; c0 < a.m; c0 += O::C) {
-      const int n = static_cast<int>(std::min<int64_t>(O::C, a.m - c0));
-      for (int half = 0; half < 2; ++half) {
-        typename O::V acc[O::C];
-        qdot_n<O>(n, w + half * 32, a.bits, a.xb, a.x + c0 * a.xs + b * a.xb, a.xs, acc, c0 == 0 && half == 0);
-        for (int c = 0; c < n; ++c) {
-          const int64_t i = (c0 + c) * a.xbs + b;
-          const int32_t comp = a.bits == 4 ? kInt4Offset * a.xsum[i] : 0;
-          O::update(a.out + (c0 + c) * 32 + half * 16, acc[c], comp, a.xscale[i], sw + half * 16, a.grouped);
+  } else {
+    for (int64_t j0 = 0; j0 < xb / 4; j0 += U) {
+      for (int u = 0; u < U; ++u) {
+        const int64_t j = j0 + u;
+        int32_t p0[N], p1[N];
+        for (int c = 0; c < N; ++c) {
+          p0[c] = pair_at(x + c * xs + 4 * j);
+          p1[c] = pair_at(x + c * xs + 4 * j + 2);
+        }
+        for (int s = 0; s < S; ++s) {
+          const uint8_t* p = w + s * wstride + j * 64;
+          if (prefetch) __builtin_prefetch(p + kQPrefetchBytes, 0, 3);
+          typename O::W lo0, hi0, lo1, hi1;
+          O::load4(p, lo0, hi0);
+          O::load4(p + 32, lo1, hi1);
+          for (int c = 0; c < N; ++c) {
+            O::madd(part[u][2 * s * N + c], lo0, p0[c]);
+            O::madd(part[u][(2 * s + 1) * N + c], lo1, p0[c]);
+            O::madd(part[u][2 * s * N + c], hi0, p1[c]);
+            O::madd(part[u][(2 * s + 1) * N + c], hi1, p1[c]);
+          }
         }
       }
     }
   }
-  finish_rows(a, sw);
+  for (int i = 0; i < A; ++i) {
+    acc[i] = part[0][i];
+    for (int u = 1; u < U; ++u) acc[i] = O::add(acc[i], part[u][i]);
+  }
+}
+
+// qdot for a run-time token count n (1..O::C) and stream count S (1, or up to
+// O::kStreams when n <= kQStreamTokens).
+template <class O, int N = 1>
+CNUMA_INLINE void qdot_n(int n, int S, const uint8_t* w, int64_t wstride, int bits, int64_t xb, const int16_t* x,
+                         int64_t xs, typename O::V* acc, bool prefetch) {
+  if constexpr (N <= O::C) {
+    if (n == N) {
+      if constexpr (N <= kQStreamTokens) {
+        if constexpr (O::kStreams >= 4)
+          if (S == 4) return qdot<O, N, 4>(w, wstride, bits, xb, x, xs, acc, prefetch);
+        if constexpr (O::kStreams >= 3)
+          if (S == 3) return qdot<O, N, 3>(w, wstride, bits, xb, x, xs, acc, prefetch);
+        if constexpr (O::kStreams >= 2)
+          if (S == 2) return qdot<O, N, 2>(w, wstride, bits, xb, x, xs, acc, prefetch);
+      }
+      return qdot<O, N, 1>(w, wstride, bits, xb, x, xs, acc, prefetch);
+    }
+    qdot_n<O, N + 1>(n, S, w, wstride, bits, xb, x, xs, acc, prefetch);
+  }
+}
+
+// Per-row scales (int8 without groups) multiply the finished sums.
+CNUMA_INLINE void finish_rows(float* out, int64_t m, const float* sw) {
+  for (int64_t c = 0; c < m; ++c)
+    for (int r = 0; r < 32; ++r) out[c * 32 + r] = out[c * 32 + r] * sw[r];
+}
+
+// Pairs p0 .. p0 + S - 1 of a call, side by side. Per pair, the fp32 part is
+// the same on every path: out += float(isum - comp) * (sx * sw[r]) per block
+// (grouped), or * sx with the row scale multiplied in at the end.
+template <class O>
+CNUMA_INLINE void qfwd_pairs(const QFwdArgs& a, int64_t p0, int S) {
+  alignas(64) float sw[O::kStreams][32];
+  const auto out_of = [&](int s) { return a.out + (p0 + s) * a.m * 32; };
+  const auto scales_of = [&](int s) { return a.s + (p0 + s) * a.sstride; };
+  for (int s = 0; s < S; ++s) {
+    std::fill(out_of(s), out_of(s) + a.m * 32, 0.0f);
+    if (!a.grouped) scales32(scales_of(s), a.sbf16, sw[s]);
+  }
+  const uint8_t* w0 = a.w + p0 * a.wstride;
+  const int64_t nb = a.K / a.xb, step = qbytes(a.xb, a.bits);
+  for (int64_t b = 0; b < nb; ++b) {
+    if (a.grouped)
+      for (int s = 0; s < S; ++s) scales32(scales_of(s) + b * 32, a.sbf16, sw[s]);
+    for (int64_t c0 = 0; c0 < a.m; c0 += O::C) {
+      const int n = static_cast<int>(std::min<int64_t>(O::C, a.m - c0));
+      typename O::V acc[2 * O::C * O::kStreams];
+      qdot_n<O>(n, S, w0 + b * step, a.wstride, a.bits, a.xb, a.x + c0 * a.xs + b * a.xb, a.xs, acc, c0 == 0);
+      for (int s = 0; s < S; ++s) {
+        for (int half = 0; half < 2; ++half) {
+          for (int c = 0; c < n; ++c) {
+            const int64_t i = (c0 + c) * a.xbs + b;
+            const int32_t comp = a.bits == 4 ? kInt4Offset * a.xsum[i] : 0;
+            O::update(out_of(s) + (c0 + c) * 32 + half * 16, acc[(2 * s + half) * n + c], comp, a.xscale[i],
+                      sw[s] + half * 16, a.grouped);
+          }
+        }
+      }
+    }
+  }
+  if (!a.grouped)
+    for (int s = 0; s < S; ++s) finish_rows(out_of(s), a.m, sw[s]);
+}
+
+template <class O>
+CNUMA_INLINE void qfwd(const QFwdArgs& a) {
+  const int64_t group = a.m <= kQStreamTokens ? O::kStreams : 1;
+  for (int64_t p0 = 0; p0 < a.pairs; p0 += group)
+    qfwd_pairs<O>(a, p0, static_cast<int>(std::min(group, a.pairs - p0)));
 }
 
 // ------------------------------------------------------------- backward --

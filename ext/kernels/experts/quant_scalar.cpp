@@ -8,6 +8,8 @@ namespace {
 
 struct ScalarOps {
   static constexpr int C = 4;
+  static constexpr int kChains = 1;
+  static constexpr int kStreams = 1;
   struct V {
     int32_t v[16];
   };
@@ -15,6 +17,11 @@ struct ScalarOps {
     int16_t v[32];  // [16 rows][2 k]
   };
   static V zero() { return V{}; }
+  static V add(const V& a, const V& b) {
+    V s;
+    for (int r = 0; r < 16; ++r) s.v[r] = a.v[r] + b.v[r];
+    return s;
+  }
   static W load8(const uint8_t* p) {
     W w;
     for (int i = 0; i < 32; ++i) w.v[i] = static_cast<int8_t>(p[i]);

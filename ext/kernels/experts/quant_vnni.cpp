@@ -22,6 +22,7 @@ namespace experts {
 namespace {
 
 struct VnniOps : ZmmOps {
+  static constexpr int kChains = 8;  // vpdpwssd's latency is ~5 cycles: keep 8 sums in flight
   static CNUMA_INLINE void madd(V& acc, const W& w, int32_t pair) {
     acc = _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(pair));
   }

@@ -10,18 +10,20 @@ namespace experts {
 namespace {
 
 struct ZmmOps {
-  static constexpr int C = 8;  // tokens per pass
+  static constexpr int C = 8;         // tokens per pass
+  static constexpr int kStreams = 4;  // pairs side by side in decode: 2 x 4 x 2 accumulators at most
   using V = __m512i;           // 16 rows of int32 sums
   using W = __m512i;           // [16 rows][2 k] int16
   static CNUMA_INLINE V zero() { return _mm512_setzero_si512(); }
+  static CNUMA_INLINE V add(const V& a, const V& b) { return _mm512_add_epi32(a, b); }
   static CNUMA_INLINE W load8(const uint8_t* p) {
     return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
+  // One widening for both nibbles: the low one masked, the high one shifted down.
   static CNUMA_INLINE void load4(const uint8_t* p, W& lo, W& hi) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i mask = _mm256_set1_epi8(0x0f);
-    lo = _mm512_cvtepu8_epi16(_mm256_and_si256(v, mask));
-    hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    lo = _mm512_and_si512(v, _mm512_set1_epi16(0x0f));
+    hi = _mm512_srli_epi16(v, 4);
   }
   // Same operations, in the same order, as the scalar and AVX2 updates.
   static CNUMA_INLINE void update(float* out, const V& acc, int32_t comp, float sx, const float* sw, bool grouped) {

@@ -48,6 +48,7 @@ struct Item {
   int32_t expert;
   int32_t index;  // block, column chunk, ... depending on the phase
   int32_t kind;   // backward phase 2 only
+  int32_t count = 1;  // consecutive blocks in one item (the quantized decode's side-by-side streams)
 };
 
 using PhaseItems = std::vector<std::vector<std::vector<Item>>>;  // [phase][slice] -> items
