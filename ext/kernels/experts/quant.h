@@ -108,7 +108,7 @@ class QuantExperts {
 
 // ------------------------------------------------------------------ kernels --
 
-constexpr int64_t kQTokens = 16;        // tokens per forward kernel call (one AMX tile of rows)
+constexpr int64_t kQTokens = 64;        // tokens per forward kernel call: AMX builds weight tiles once for 4 tiles of rows
 constexpr int64_t kQAmxMinTokens = 8;   // fewer tokens: the vector path wastes less
 constexpr int64_t kQPrefetchBytes = 4096;
 constexpr int64_t kQSlackRows = 32;     // spare staged rows: AMX loads whole 16-row tiles

@@ -56,7 +56,8 @@ CNUMA_INLINE void b_row(__m256i first, __m256i second, uint8_t* dst) {
   _mm512_storeu_si512(dst, r);
 }
 
-// B tiles of both blocks for k in [k0, k0 + kt) of an activation block's stream.
+// B tiles of both blocks for k in [k0, k0 + kt) of an activation block's stream
+// (k0 relative to the block).
 CNUMA_INLINE void build_b(const uint8_t* w, int bits, int64_t k0, int64_t kt, uint8_t* bt) {
   const __m256i mask = _mm256_set1_epi8(0x0f);
   for (int64_t i = 0; i < kt / 4; ++i) {
@@ -78,9 +79,11 @@ CNUMA_INLINE void build_b(const uint8_t* w, int bits, int64_t k0, int64_t kt, ui
 }  // namespace
 
 void qfwd_amx(const QFwdArgs& a) {
-  const int64_t kt = a.xb % 64 == 0 ? 64 : 32;
+  const int64_t kt = a.xb % 64 == 0 ? 64 : 32, chunks = a.xb / kt;
   configure(kt);
-  alignas(64) uint8_t bt[2 * 1024];
+  // B tiles of one activation block (xb <= 128: at most 4 chunks x 2 blocks x 1 KiB),
+  // built once and used by every 16-token group of the call.
+  alignas(64) uint8_t bt[4][2 * 1024];
   alignas(64) int32_t c[4][16][16];
   alignas(64) float sw[32];
   std::fill(a.out, a.out + a.m * 32, 0.0f);
@@ -89,40 +92,43 @@ void qfwd_amx(const QFwdArgs& a) {
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* w = a.w + b * step;
     if (a.grouped) qgen::scales32(a.s + b * 32, a.sbf16, sw);
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t k0 = 0; k0 < a.xb; k0 += kt) {
-      for (int64_t l = 0; l < qbytes(kt, a.bits); l += 64) __builtin_prefetch(w + kQPrefetchBytes + l, 0, 3);
-      build_b(w, a.bits, k0, kt, bt);
-      _tile_loadd(4, a.xh + b * a.xb + k0, a.xs);
-      _tile_loadd(5, a.xl + b * a.xb + k0, a.xs);
-      _tile_loadd(6, bt, 64);
-      _tile_loadd(7, bt + 1024, 64);
-      if (a.bits == 8) {
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbusd(1, 5, 6);
-        _tile_dpbssd(2, 4, 7);
-        _tile_dpbusd(3, 5, 7);
-      } else {
-        _tile_dpbsud(0, 4, 6);
-        _tile_dpbuud(1, 5, 6);
-        _tile_dpbsud(2, 4, 7);
-        _tile_dpbuud(3, 5, 7);
+    for (int64_t l = 0; l < step; l += 64) __builtin_prefetch(w + step + l, 0, 3);  // the next block
+    for (int64_t ch = 0; ch < chunks; ++ch) build_b(w, a.bits, ch * kt, kt, bt[ch]);
+    for (int64_t t0 = 0; t0 < a.m; t0 += 16) {  // rows past m are staged slack: their sums are dropped
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const int64_t k0 = b * a.xb + ch * kt;
+        _tile_loadd(4, a.xh + t0 * a.xs + k0, a.xs);
+        _tile_loadd(5, a.xl + t0 * a.xs + k0, a.xs);
+        _tile_loadd(6, bt[ch], 64);
+        _tile_loadd(7, bt[ch] + 1024, 64);
+        if (a.bits == 8) {
+          _tile_dpbssd(0, 4, 6);
+          _tile_dpbusd(1, 5, 6);
+          _tile_dpbssd(2, 4, 7);
+          _tile_dpbusd(3, 5, 7);
+        } else {
+          _tile_dpbsud(0, 4, 6);
+          _tile_dpbuud(1, 5, 6);
+          _tile_dpbsud(2, 4, 7);
+          _tile_dpbuud(3, 5, 7);
+        }
       }
-    }
-    _tile_stored(0, c[0], 64);
-    _tile_stored(1, c[1], 64);
-    _tile_stored(2, c[2], 64);
-    _tile_stored(3, c[3], 64);
-    for (int64_t t = 0; t < a.m; ++t) {
-      const int64_t i = t * a.xbs + b;
-      const int32_t comp = a.bits == 4 ? kInt4Offset * a.xsum[i] : 0;
-      for (int half = 0; half < 2; ++half) {
-        const __m512i hi = _mm512_loadu_si512(c[2 * half][t]), lo = _mm512_loadu_si512(c[2 * half + 1][t]);
-        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
-        ZmmOps::update(a.out + t * 32 + half * 16, sum, comp, a.xscale[i], sw + half * 16, a.grouped);
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      _tile_stored(2, c[2], 64);
+      _tile_stored(3, c[3], 64);
+      for (int64_t t = t0; t < std::min(a.m, t0 + 16); ++t) {
+        const int64_t i = t * a.xbs + b;
+        const int32_t comp = a.bits == 4 ? kInt4Offset * a.xsum[i] : 0;
+        for (int half = 0; half < 2; ++half) {
+          const __m512i hi = _mm512_loadu_si512(c[2 * half][t - t0]), lo = _mm512_loadu_si512(c[2 * half + 1][t - t0]);
+          const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
+          ZmmOps::update(a.out + t * 32 + half * 16, sum, comp, a.xscale[i], sw + half * 16, a.grouped);
+        }
       }
     }
   }
