@@ -14,6 +14,9 @@ points at the dense bf16 weights, an MoE object (``AMXBF16_MOE`` /
 ``AVX2BF16_MOE`` for bf16, ``AMXInt8_MOE`` for int8, which quantizes the bf16
 weights while loading), then ``submit(forward_task(...))`` + ``sync()`` per call.
 
+NumaExperts runs in bf16 and as frozen int8 (a scale per row) and int4 (groups of 128) layers
+quantized from the same weights; each kt row's ratio is against NumaExperts in its own format.
+
 Every implementation runs in a fresh process per round, the implementations
 alternate within a round (rotated each round), and the table shows medians
 over all rounds. kt's dispatcher threads spin while they wait, so with few
@@ -265,8 +268,9 @@ def _measure(run, data: _Data, pause: float) -> dict:
     return res
 
 
-def worker_numa(args) -> dict:
-    """NumaExperts on the shared data (our Python, our torch)."""
+def worker_numa(args, fmt: str) -> dict:
+    """NumaExperts on the shared data (our Python, our torch): bf16, or frozen int8 (a scale per row) /
+    int4 (groups of 128) quantized from the same bf16 weights, as ``bench_moe.py`` does."""
     import torch
 
     from composer_numa import NumaExperts
@@ -277,7 +281,8 @@ def worker_numa(args) -> dict:
     rss0 = proc_status_bytes("VmRSS")
     peak_ok = reset_peak_rss()
     t0 = time.perf_counter()
-    layer = NumaExperts.from_dense(gate, up, down)
+    quant = {} if fmt == "bf16" else {"weight_dtype": fmt, "group_size": 128 if fmt == "int4" else None}
+    layer = NumaExperts.from_dense(gate, up, down, **quant)
     build_s = time.perf_counter() - t0
     gc.collect()
     rss1 = proc_status_bytes("VmRSS")
@@ -300,7 +305,7 @@ def worker_numa(args) -> dict:
         return y.float().numpy()
 
     res = _measure(run, data, args.pause_ms / 1e3)
-    label = f"NumaExperts {kernel}" + (f", {workers} workers" if workers else "")
+    label = f"NumaExperts {fmt} {kernel}" + (f", {workers} workers" if workers else "")
     return {"label": label, "results": res, "rss_growth": rss1 - rss0,
             "rss_peak_growth": (peak - rss0) if peak_ok else None, "build_s": build_s}
 
@@ -338,7 +343,7 @@ def _kt_layer(ext, cls_name: str, threads: int, gate, up, down, meta: dict, max_
     # The int overload of the last argument (number of GPU experts): 0, every expert on the CPU.
     conf = ext.moe.MOEConfig(E, meta["top_k"], meta["hidden"], meta["intermediate"], 0)
     conf.layer_idx = 0
-    conf.max_len = max_len
+    conf.max_len = -(-max_len // 64) * 64  # kt's AMX buffers take whole 64-row steps (its int8 kernel refuses others)
     conf.pool = cpu_infer.backend_
     conf.gate_proj = gate.ctypes.data  # dense bf16 [E, I, H], [E, I, H], [E, H, I]
     conf.up_proj = up.ctypes.data
@@ -433,8 +438,8 @@ def worker_main(args) -> int:
         result = kt_probe()
     elif args.worker.startswith("smoke-"):
         result = worker_kt_smoke(args, args.worker.removeprefix("smoke-"))
-    elif args.worker == "numa":
-        result = worker_numa(args)
+    elif args.worker.startswith("numa"):
+        result = worker_numa(args, args.worker.removeprefix("numa").removeprefix("-") or "bf16")
     else:
         result = worker_kt(args, args.worker.removeprefix("kt-"))
     Path(args.out).write_text(json.dumps(result))
@@ -453,7 +458,7 @@ def run_worker(python: str, kind: str, args, data: Path | None, threads: int) ->
     if data is not None:
         cmd += ["--data", str(data)]
     env = dict(os.environ)
-    if kind != "numa":
+    if not kind.startswith("numa"):
         env.pop("PYTHONPATH", None)  # nothing of ours (or our torch) in the kt venv
         if args.kt_variant:
             env["KT_KERNEL_CPU_VARIANT"] = args.kt_variant
@@ -501,7 +506,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-data", help="write the shared .npz here and keep it (default: a temporary file)")
     ap.add_argument("--kt-variant", help="force kt's CPU variant (KT_KERNEL_CPU_VARIANT: amx, avx512_bf16, avx2, ...)")
     # internal: one measurement in a fresh process
-    ap.add_argument("--worker", choices=["numa", "kt-bf16", "kt-int8", "probe", "smoke-bf16", "smoke-int8"],
+    ap.add_argument("--worker", choices=["numa", "numa-int8", "numa-int4", "kt-bf16", "kt-int8", "probe",
+                                         "smoke-bf16", "smoke-int8"],
                     help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -566,7 +572,7 @@ def main(argv=None) -> int:
                         scope = "at all"
                     kt_note = f"kt-kernel CANNOT RUN {scope} on this CPU (variant {probe['variant']}): {what}"
 
-    variants: list[tuple[str, str, int]] = [("numa", "numa", 0)]
+    variants: list[tuple[str, str, int]] = [(k, k, 0) for k in ("numa", "numa-int8", "numa-int4")]
     if probe is not None:
         for kind in ("bf16", "int8"):
             if probe[f"{kind}_class"]:
@@ -587,7 +593,7 @@ def main(argv=None) -> int:
             for key, kind, threads in order:
                 if any("error" in r for r in results[key]):
                     continue  # failed before: do not retry every round
-                python = sys.executable if kind == "numa" else kt_python
+                python = sys.executable if kind.startswith("numa") else kt_python
                 t0 = time.perf_counter()
                 r = run_worker(python, kind, args, data, threads)
                 log(f"[bench_moe_kt] round {rnd + 1}/{args.rounds}: {key} "
@@ -616,25 +622,30 @@ def print_table(variants, results, meta, tokens, kt_note) -> None:
             err = next((r["error"] for r in results[key] if "error" in r), "no result")
             failed.append(f"{key}: {err}")
     print()
-    print(f"weights: {wb / 2**20:,.0f} MiB bf16 (gate + up + down); ratio = kt ms / NumaExperts ms "
-          "(> 1: NumaExperts faster); err = relative Frobenius error vs the float64 reference; "
+    print(f"weights: {wb / 2**20:,.0f} MiB bf16 (gate + up + down); ratio = kt ms / NumaExperts ms in the same "
+          "format (kt bf16 against NumaExperts bf16, kt int8 against NumaExperts int8; > 1: NumaExperts faster); "
+          "err = relative Frobenius error vs the float64 reference; "
           "RSS = resident growth while building the layer (peak in brackets) / weight bytes")
     width = max([len(v) for v in labels.values()] + [20])
     header = f"{'T':>4}  {'implementation':<{width}} {'median ms':>10} {'min ms':>8} {'ratio':>7} {'err':>9} " \
              f"{'RSS':>15}"
     print(header)
     print("-" * len(header))
-    numa = [r for r in results.get("numa", []) if "error" not in r]
+    same_format = {"bf16": "numa", "int8": "numa-int8"}  # kt's kinds -> our row in the same format
     for T in tokens:
-        numa_ms = statistics.median(t for r in numa for t in r["results"][str(T)]["times"]) if numa else None
-        for key, _, _ in variants:
+        ours = {}
+        for key in same_format.values():
+            ok = [r for r in results.get(key, []) if "error" not in r]
+            ours[key] = statistics.median(t for r in ok for t in r["results"][str(T)]["times"]) if ok else None
+        for key, kind, _ in variants:
             ok = [r for r in results[key] if "error" not in r]
             if not ok:
                 continue
             times = [t for r in ok for t in r["results"][str(T)]["times"]]
             med = statistics.median(times)
             err = max(r["results"][str(T)]["err"] for r in ok)
-            ratio = "-" if key == "numa" or numa_ms is None else f"{med / numa_ms:.2f}x"
+            ref = ours.get(same_format.get(kind.removeprefix("kt-"), ""))
+            ratio = "-" if kind.startswith("numa") or ref is None else f"{med / ref:.2f}x"
             rss = statistics.median(r["rss_growth"] for r in ok) / wb
             peaks = [r["rss_peak_growth"] for r in ok if r.get("rss_peak_growth") is not None]
             rss_text = f"{rss:.2f}x" + (f" ({statistics.median(peaks) / wb:.2f}x)" if peaks else "")
