@@ -89,6 +89,9 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
   const int64_t xbH = xblock(Hp);
 
   struct Bufs {
+    int16_t* tq;  // [tokens][Hp] each token's codes, once (a token has k slots)
+    float* tsc;   // [tokens][Hp / xbH] their block scales
+    int32_t* tsm; // [tokens][Hp / xbH] their block sums
     int16_t* xq;  // [S + slack][Hp] token codes grouped by expert
     float* xsc;   // [S][Hp / xbH] their block scales
     int32_t* xsm; // [S][Hp / xbH] their block sums
@@ -107,6 +110,9 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
     const int64_t Ip = slices_[p].row1 - slices_[p].row0, xbI = xblock(Ip);
     auto carve = [&](Carver& c) {
       Bufs& b = buf[p];
+      b.tq = c.take<int16_t>(checked_mul(tokens, Hp, "the token codes"));
+      b.tsc = c.take<float>(checked_mul(tokens, Hp / xbH, "the token scales"));
+      b.tsm = c.take<int32_t>(checked_mul(tokens, Hp / xbH, "the token sums"));
       b.xq = c.take<int16_t>(checked_mul(rows_staged, Hp, "the staged tokens"));
       b.xsc = c.take<float>(checked_mul(S, Hp / xbH, "the token scales"));
       b.xsm = c.take<int32_t>(checked_mul(S, Hp / xbH, "the token sums"));
@@ -138,12 +144,14 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
     }
   }
 
-  // Phase 0 stages token codes; 1 runs gate and up on 16 rows of one expert per
-  // item with SwiGLU; 2 quantizes the activations; 3 runs down on 32 hidden rows.
-  enum { kStage, kGateUp, kQuantAct, kDown, kPhases };
+  // Phase 0 quantizes each token once; 1 copies the codes to its slots, grouped
+  // by expert; 2 runs gate and up on 16 rows of one expert per item with SwiGLU;
+  // 3 quantizes the activations; 4 runs down on 32 hidden rows.
+  enum { kTokens, kStage, kGateUp, kQuantAct, kDown, kPhases };
   PhaseItems items(kPhases, std::vector<std::vector<Item>>(P));
   for (size_t p = 0; p < P; ++p) {
     const Slice& sl = slices_[p];
+    for (int64_t t0 = 0; t0 < tokens; t0 += 32) items[kTokens][p].push_back({0, static_cast<int32_t>(t0), 0});
     for (int64_t s0 = 0; s0 < S; s0 += 32) {
       items[kStage][p].push_back({0, static_cast<int32_t>(s0), 0});
       items[kQuantAct][p].push_back({0, static_cast<int32_t>(s0), 0});
@@ -165,20 +173,29 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
     const Slice& sl = slices_[p];
     const Bufs& b = buf[p];
     const int64_t Ip = sl.row1 - sl.row0, xbI = xblock(Ip);
+    if (phase == kTokens) {
+      std::vector<float> row(Hp, 0.0f);
+      for (int64_t t = it.index; t < std::min<int64_t>(tokens, it.index + 32); ++t) {
+        const char* src = static_cast<const char*>(x) + t * H * esz;
+        if (bf16) {
+          const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
+          for (int64_t i = 0; i < H; ++i) row[i] = bf16_to_f32(h[i]);
+        } else {
+          std::memcpy(row.data(), src, H * sizeof(float));
+        }
+        quantize_row(row.data(), Hp, xbH, b.tq + t * Hp, b.tsc + t * (Hp / xbH), b.tsm + t * (Hp / xbH));
+      }
+      return;
+    }
     if (phase == kStage || phase == kQuantAct) {
-      std::vector<float> row(phase == kStage ? Hp : 0);
+      const int64_t nbH = Hp / xbH;
       for (int64_t s = it.index; s < std::min<int64_t>(S, it.index + 32); ++s) {
         if (sl.local[R.expert[s]] < 0) continue;
         if (phase == kStage) {
-          const char* src = static_cast<const char*>(x) + R.token[s] * H * esz;
-          if (bf16) {
-            const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
-            for (int64_t i = 0; i < H; ++i) row[i] = bf16_to_f32(h[i]);
-          } else {
-            std::memcpy(row.data(), src, H * sizeof(float));
-          }
-          std::fill(row.begin() + H, row.end(), 0.0f);
-          quantize_row(row.data(), Hp, xbH, b.xq + s * Hp, b.xsc + s * (Hp / xbH), b.xsm + s * (Hp / xbH));
+          const int64_t t = R.token[s];
+          std::memcpy(b.xq + s * Hp, b.tq + t * Hp, Hp * sizeof(int16_t));
+          std::memcpy(b.xsc + s * nbH, b.tsc + t * nbH, nbH * sizeof(float));
+          std::memcpy(b.xsm + s * nbH, b.tsm + t * nbH, nbH * sizeof(int32_t));
           if (path.amx) split_bytes(b.xq + s * Hp, Hp, b.xh + s * Hp, b.xl + s * Hp);
         } else {
           quantize_row(b.act + s * Ip, Ip, xbI, b.aq + s * Ip, b.asc + s * (Ip / xbI), b.asm_ + s * (Ip / xbI));
