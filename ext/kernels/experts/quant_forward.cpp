@@ -21,6 +21,7 @@ namespace experts {
 namespace {
 
 constexpr float kQMax = 32767.0f;
+static_assert(kBlock == 16, "SwiGLU below takes one 16-lane vector per block");
 
 // Nearest integer, ties to even, for |v| < 2^22 (codes are at most 32767):
 // adding and subtracting 1.5 * 2^23 leaves exactly that in fp32's default
@@ -237,13 +238,12 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
           for (int64_t c = 0; c < a.m; ++c) {
             const float* oc = o + (q * a.m + c) * 32;
             const int64_t at = (s + c) * Ip + col + q * kBlock;
-            for (int64_t r = 0; r < kBlock; ++r) {
-              const float gv = oc[r], uv = oc[kBlock + r];
-              b.act[at + r] = gv * sigmoid(gv) * uv;
-              if (save) {
-                data[p].save_gate[at + r] = gv;
-                data[p].save_up[at + r] = uv;
-              }
+            // SwiGLU on the block's 16 rows at once (the float layer's vexp, no libm call).
+            const vf gv = ldf(oc), uv = ldf(oc + kBlock);
+            stf(b.act + at, gv * (1.0f / (1.0f + vexp(-gv))) * uv);
+            if (save) {
+              std::memcpy(data[p].save_gate + at, oc, kBlock * sizeof(float));
+              std::memcpy(data[p].save_up + at, oc + kBlock, kBlock * sizeof(float));
             }
           }
         }
