@@ -58,6 +58,31 @@ void quantize_row(const float* v, int64_t n, int64_t xb, int16_t* q, float* scal
   }
 }
 
+// Staged activation rows of one reduction (tokens for gate/up, SwiGLU
+// activations for down): int16 codes, per-block scales and sums, AMX byte planes
+// (null off AMX), `K` elements per row in blocks of `xb`.
+struct StagedRows {
+  const int16_t* q;
+  const float* scale;
+  const int32_t* sum;
+  const int8_t* hi;
+  const uint8_t* lo;
+  int64_t K, xb;
+};
+
+// Points a's activation side at the rows of `r` from slot s on.
+void point_at(QFwdArgs& a, const StagedRows& r, int64_t s) {
+  a.K = r.K;
+  a.xb = r.xb;
+  a.xs = r.K;
+  a.xbs = r.K / r.xb;
+  a.x = r.q + s * r.K;
+  a.xscale = r.scale + s * a.xbs;
+  a.xsum = r.sum + s * a.xbs;
+  a.xh = r.hi != nullptr ? r.hi + s * r.K : nullptr;
+  a.xl = r.lo != nullptr ? r.lo + s * r.K : nullptr;
+}
+
 // AMX takes x as two byte planes, x = 256 * hi + lo.
 void split_bytes(const int16_t* q, int64_t n, int8_t* hi, uint8_t* lo) {
   for (int64_t i = 0; i < n; ++i) {
@@ -219,20 +244,13 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
       a.wstride = qbytes(Hp, a.bits);
       a.s = data[p].s13 + blk * ngH * 32;
       a.sstride = ngH * 32;
-      a.K = Hp;
-      a.xb = xbH;
-      a.xs = Hp;
-      a.xbs = Hp / xbH;
+      const StagedRows rows{b.xq, b.xsc, b.xsm, b.xh, b.xl, Hp, xbH};
       const int64_t col = it.index * kBlock - sl.row0;
       const bool save = data[p].save_gate != nullptr && data[p].save_up != nullptr;
       for (int64_t c0 = 0; c0 < m; c0 += kQTokens) {
         const int64_t s = s0 + c0;
         a.m = std::min(kQTokens, m - c0);
-        a.x = b.xq + s * Hp;
-        a.xscale = b.xsc + s * a.xbs;
-        a.xsum = b.xsm + s * a.xbs;
-        a.xh = path.amx ? b.xh + s * Hp : nullptr;
-        a.xl = path.amx ? b.xl + s * Hp : nullptr;
+        point_at(a, rows, s);
         run_qfwd(path, a);
         for (int64_t q = 0; q < it.count; ++q) {
           for (int64_t c = 0; c < a.m; ++c) {
@@ -255,18 +273,11 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
       a.wstride = qbytes(sl.rows, a.bits);
       a.s = data[p].s2 + pair * ngR * 32 + (grouped ? sl.row0 / g * 32 : 0);
       a.sstride = ngR * 32;
-      a.K = Ip;
-      a.xb = xbI;
-      a.xs = Ip;
-      a.xbs = Ip / xbI;
+      const StagedRows rows{b.aq, b.asc, b.asm_, b.ah, b.al, Ip, xbI};
       for (int64_t c0 = 0; c0 < m; c0 += kQTokens) {
         const int64_t s = s0 + c0;
         a.m = std::min(kQTokens, m - c0);
-        a.x = b.aq + s * Ip;
-        a.xscale = b.asc + s * a.xbs;
-        a.xsum = b.asm_ + s * a.xbs;
-        a.xh = path.amx ? b.ah + s * Ip : nullptr;
-        a.xl = path.amx ? b.al + s * Ip : nullptr;
+        point_at(a, rows, s);
         run_qfwd(path, a);
         for (int64_t q = 0; q < it.count; ++q)
           for (int64_t c = 0; c < a.m; ++c)
