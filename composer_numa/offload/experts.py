@@ -602,12 +602,7 @@ class NumaExperts(nn.Module):
             ``[tokens, hidden]`` in x's dtype, on x's device.
         """
         self._check_inputs(x, topk_ids, topk_weights)
-        ids = topk_ids.to("cpu", torch.int64).contiguous()
-        if ids.numel():
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= self.num_experts:
-                bad = lo if lo < 0 else hi
-                raise IndexError(f"NumaExperts: topk_ids contains {bad}, outside [0, {self.num_experts})")
+        ids = topk_ids.to("cpu", torch.int64).contiguous()  # ids outside [0, E): IndexError from the kernel
         weights = topk_weights.to("cpu", torch.float32).contiguous()
         on_gpu = x.device.type == "cuda"
         if on_gpu:
@@ -621,8 +616,22 @@ class NumaExperts(nn.Module):
         return out.to(x.device, non_blocking=True) if on_gpu else out
 
     def _run(self, pin: bool, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The kernels on checked CPU inputs, as an autograd node."""
-        return _ExpertsFunction.apply(self, pin, x, ids, weights, *self.w13, *self.w2)
+        """The kernels on checked CPU inputs: an autograd node when a gradient is wanted."""
+        params = (*self.w13, *self.w2)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, *params)):
+            return _ExpertsFunction.apply(self, pin, x, ids, weights, *params)
+        return self._launch(pin, x, ids, weights, None, None)  # inference: no graph to build
+
+    def _launch(self, pin: bool, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                save_g: list[torch.Tensor] | None, save_u: list[torch.Tensor] | None) -> torch.Tensor:
+        """One forward call of the kernels; ``save_*`` receive the pre-activations for backward."""
+        self._last_k = ids.shape[1]
+        P = len(self._slices)
+        w13 = [self._slice_tensors(p)[0].detach() for p in range(P)]
+        w2 = [self._slice_tensors(p)[1].detach() for p in range(P)]
+        out = torch.empty(ids.shape[0], self.hidden, dtype=x.dtype, pin_memory=pin)
+        self._impl.forward(runtime.pool(), x.detach(), ids, weights.detach(), out, w13, w2, save_g, save_u)
+        return out
 
     def _apply(self, fn: Any, recurse: bool = True) -> NumaExperts:
         # The weights live in node-local CPU memory: moving or casting the
@@ -764,21 +773,12 @@ class _ExpertsFunction(torch.autograd.Function):
     def forward(ctx: Any, layer: NumaExperts, pin: bool, x: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         T, k = ids.shape
-        layer._last_k = k
-        slices = layer._slices
-        w13 = [layer._slice_tensors(p)[0].detach() for p in range(len(slices))]
-        w2 = [layer._slice_tensors(p)[1].detach() for p in range(len(slices))]
-        train = any(ctx.needs_input_grad[2:])
-        save_g = save_u = None
-        if train:
-            save_g = [torch.empty(T * k * (s.row1 - s.row0)) for s in slices]
-            save_u = [torch.empty(T * k * (s.row1 - s.row0)) for s in slices]
-        out = torch.empty(T, layer.hidden, dtype=x.dtype, pin_memory=pin)
-        layer._impl.forward(runtime.pool(), x.detach(), ids, weights.detach(), out, w13, w2, save_g, save_u)
-        if train:
-            ctx.layer = layer
-            ctx.weights_need_grad = any(ctx.needs_input_grad[5:])
-            ctx.save_for_backward(x, ids, weights, *params, *save_g, *save_u)
+        save_g = [torch.empty(T * k * (s.row1 - s.row0)) for s in layer._slices]
+        save_u = [torch.empty(T * k * (s.row1 - s.row0)) for s in layer._slices]
+        out = layer._launch(pin, x, ids, weights, save_g, save_u)
+        ctx.layer = layer
+        ctx.weights_need_grad = any(ctx.needs_input_grad[5:])
+        ctx.save_for_backward(x, ids, weights, *params, *save_g, *save_u)
         return out
 
     @staticmethod

@@ -470,7 +470,18 @@ class QuantizedWeights:
     # ------------------------------------------------------------ forward --
 
     def _run(self, pin: bool, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return _QuantFunction.apply(self, pin, x, ids, weights)
+        if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad):
+            return _QuantFunction.apply(self, pin, x, ids, weights)
+        return self._launch(pin, x, ids, weights, None, None)  # inference: no graph to build
+
+    def _launch(self, pin: bool, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                save_g: list[torch.Tensor] | None, save_u: list[torch.Tensor] | None) -> torch.Tensor:
+        """One forward call of the kernels; ``save_*`` receive the pre-activations for backward."""
+        self._last_k = ids.shape[1]
+        q13, q2, s13, s2 = self._packed()
+        out = torch.empty(ids.shape[0], self.hidden, dtype=x.dtype, pin_memory=pin)
+        self._impl.forward(runtime.pool(), x.detach(), ids, weights.detach(), out, q13, q2, s13, s2, save_g, save_u)
+        return out
 
     def _packed(self) -> tuple[list[torch.Tensor], ...]:
         return tuple([v[i] for v in self._views] for i in range(4))  # type: ignore[return-value]
@@ -510,19 +521,11 @@ class _QuantFunction(torch.autograd.Function):
     def forward(ctx: Any, layer: QuantizedWeights, pin: bool, x: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
         T, k = ids.shape
-        layer._last_k = k
-        q13, q2, s13, s2 = layer._packed()
-        train = ctx.needs_input_grad[2] or ctx.needs_input_grad[4]
-        save_g = save_u = None
-        if train:
-            save_g = [torch.empty(T * k * (s.row1 - s.row0)) for s in layer._slices]
-            save_u = [torch.empty(T * k * (s.row1 - s.row0)) for s in layer._slices]
-        out = torch.empty(T, layer.hidden, dtype=x.dtype, pin_memory=pin)
-        layer._impl.forward(runtime.pool(), x.detach(), ids, weights.detach(), out, q13, q2, s13, s2,
-                            save_g, save_u)
-        if train:
-            ctx.layer = layer
-            ctx.save_for_backward(ids, weights, *save_g, *save_u)
+        save_g = [torch.empty(T * k * (s.row1 - s.row0)) for s in layer._slices]
+        save_u = [torch.empty(T * k * (s.row1 - s.row0)) for s in layer._slices]
+        out = layer._launch(pin, x, ids, weights, save_g, save_u)
+        ctx.layer = layer
+        ctx.save_for_backward(ids, weights, *save_g, *save_u)
         return out
 
     @staticmethod

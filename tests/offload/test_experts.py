@@ -148,6 +148,24 @@ def test_every_simd_path(monkeypatch, simd, amx, dtype):
 
 @pytest.mark.arm64
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_a_token_gets_the_same_bits_alone_and_in_a_batch(monkeypatch, dtype):
+    # Alone, a token is decode: with AVX-512 BF16 its experts' block pairs are read several side by
+    # side (7 down pairs in groups of 4 and 3; 4 and 2 gate/up blocks in the two slices); in a batch
+    # of 40 tokens each expert has many, one pair at a time. Both sum every output in the same order.
+    monkeypatch.setenv("COMPOSER_NUMA_AMX", "0")  # AMX tiles round differently; the batch uses dot products
+    layer = NumaExperts.from_dense(*dense_weights(dtype, seed=9, e=7, h=224, i=96), nodes=[0, 0])
+    ids, w = routing(40, 2, e=7, seed=8)
+    x = torch.randn(40, 224, generator=torch.Generator().manual_seed(8)).to(dtype)
+    for level in [lv for lv in ("avx512", "avx2", "neon", "scalar") if has_level(lv)]:
+        monkeypatch.setenv("COMPOSER_NUMA_SIMD", level)
+        with torch.no_grad():
+            batch = layer(x, ids, w)
+            alone = torch.cat([layer(x[t:t + 1], ids[t:t + 1], w[t:t + 1]) for t in range(40)])
+        assert torch.equal(alone, batch), level
+
+
+@pytest.mark.arm64
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_one_and_two_workers_give_identical_bits(dtype):
     dense = dense_weights(dtype, seed=4)
     layer = NumaExperts.from_dense(*dense, nodes=[0, 0])

@@ -34,6 +34,7 @@ Path choose_path(DType dtype) {
     const char* env = std::getenv("COMPOSER_NUMA_AMX");
     const bool off = env != nullptr && std::strcmp(env, "0") == 0;
     p.amx = !off && f.amx_tile && f.amx_bf16 && amx_permitted();
+    p.streams = kStreams;
   }
 #elif CNUMA_ARM64
   p.dot = p.isa == Isa::Neon && dtype == DType::BF16 && cpu_features().bf16;

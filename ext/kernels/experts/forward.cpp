@@ -68,9 +68,14 @@ void Experts::forward(Pool& pool, const void* x, int64_t tokens, const int64_t* 
     for (int64_t s0 = 0; s0 < S; s0 += 32) items[kStage][p].push_back({0, static_cast<int32_t>(s0), 0});
     for (int32_t e : R.active) {
       if (sl.local[e] < 0) continue;
-      for (int64_t ib = sl.row0 / kBlock; ib < sl.row1 / kBlock; ++ib)
-        items[kGateUp][p].push_back({e, static_cast<int32_t>(ib), 0});
-      for (int64_t hb = 0; hb < Hp / kBlock; hb += 2) items[kDown][p].push_back({e, static_cast<int32_t>(hb), 0});
+      // Decode: up to path.streams neighbouring pairs per item, read side by side.
+      const int64_t per = R.count(e) <= kStreamTokens ? path.streams : 1;
+      const int64_t ib1 = sl.row1 / kBlock, hb1 = Hp / kBlock;
+      for (int64_t ib = sl.row0 / kBlock; ib < ib1; ib += per)
+        items[kGateUp][p].push_back({e, static_cast<int32_t>(ib), 0, static_cast<int32_t>(std::min(per, ib1 - ib))});
+      for (int64_t hb = 0; hb < hb1; hb += 2 * per)
+        items[kDown][p].push_back(
+            {e, static_cast<int32_t>(hb), 0, static_cast<int32_t>(std::min(per, (hb1 - hb) / 2))});
     }
   }
   run_phases(pool, slices_, items, [&](size_t phase, size_t p, const Item& it) {
@@ -98,10 +103,12 @@ void Experts::forward(Pool& pool, const void* x, int64_t tokens, const int64_t* 
     a.ks = ks;
     a.m = R.count(it.expert);
     a.wbf16 = bf16;
+    a.pairs = it.count;
     if (phase == kGateUp) {
       const int64_t col = it.index * kBlock - sl.row0;
       a.b0 = static_cast<const char*>(data[p].w13) + (le * (sl.rows / kBlock) + it.index) * 2 * kBlock * Hp * esz;
       a.b1 = static_cast<const char*>(a.b0) + half * esz;
+      a.pstride = 2 * kBlock * Hp;
       a.K = Hp;
       a.x = buf[p].xs + s0 * Hp * xsz;
       a.xs = Hp;
@@ -117,6 +124,7 @@ void Experts::forward(Pool& pool, const void* x, int64_t tokens, const int64_t* 
       a.b0 = static_cast<const char*>(data[p].w2) +
              ((le * (Hp / kBlock) + it.index) * kBlock * sl.rows + sl.row0 * 2 * kBlock) * esz;
       a.b1 = static_cast<const char*>(a.b0) + half * esz;
+      a.pstride = 2 * kBlock * sl.rows;
       a.K = Ip;
       a.x = buf[p].act + s0 * Ip * xsz;
       a.xs = Ip;

@@ -26,12 +26,19 @@ constexpr int64_t kPrefetchBytes = 4096;
 constexpr int64_t kPrefetch = kPrefetchBytes / 2;  // in bf16 elements
 // Spare rows after the staged activations: AMX loads whole 16-row tiles.
 constexpr int64_t kSlackRows = 32;
+// Decode: an expert with at most kStreamTokens tokens reads up to kStreams
+// neighbouring block pairs side by side in one item. One core keeps several
+// sequential streams in flight where a single stream stalls on its own
+// prefetcher (measured: one stream ~60 % of the read probe at T = 1).
+constexpr int64_t kStreams = 4;
+constexpr int64_t kStreamTokens = 2;
 
 // The kernels one call uses.
 struct Path {
   Isa isa = Isa::Scalar;
   bool dot = false;  // BF16 dot products, AVX-512 BF16 or NEON BFDOT (bf16 weights and staged bf16 inputs)
   bool amx = false;  // AMX tiles for experts with many tokens
+  int64_t streams = 1;  // block pairs one decode item may carry (FwdItem::pairs)
 };
 
 Path choose_path(DType dtype);
@@ -57,7 +64,26 @@ struct FwdItem {
   int64_t save_stride;
   bool round;  // bf16 layer: activations are rounded to bf16 before the down projection
   bool wbf16;  // weights are bf16
+  int64_t pairs = 1;    // consecutive block pairs (b0, b1 + q * pstride), > 1 only when Path::streams allows
+  int64_t pstride = 0;  // elements from one pair to the next
 };
+
+// Pair q of an item as an item of its own: its blocks, and its output columns
+// (16 activations after gate/up, 32 hidden rows after down).
+CNUMA_INLINE FwdItem pair_of(const FwdItem& a, int64_t q, bool xbf16) {
+  FwdItem r = a;
+  r.pairs = 1;
+  const int64_t wsz = a.wbf16 ? 2 : 4, cols = a.down ? 2 * kBlock : kBlock;
+  const int64_t dsz = a.down || !xbf16 ? 4 : 2;
+  r.b0 = static_cast<const char*>(a.b0) + q * a.pstride * wsz;
+  r.b1 = static_cast<const char*>(a.b1) + q * a.pstride * wsz;
+  r.dst = static_cast<char*>(a.dst) + q * cols * dsz;
+  if (a.save_g != nullptr) {
+    r.save_g = a.save_g + q * cols;
+    r.save_u = a.save_u + q * cols;
+  }
+  return r;
+}
 
 // Rows of a [rows][stride] fp32 matrix, optionally picked through a token index.
 struct Rows {

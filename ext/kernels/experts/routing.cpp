@@ -13,8 +13,8 @@ Routing route(int64_t experts, const int64_t* ids, const float* weights, int64_t
   for (int64_t i = 0; i < slots; ++i) {
     const int64_t e = ids[i];
     if (e < 0 || e >= experts)
-      throw std::out_of_range("topk_ids[" + std::to_string(i / k) + ", " + std::to_string(i % k) +
-                              "] = " + std::to_string(e) + " is not an expert id in [0, " +
+      throw std::out_of_range("NumaExperts: topk_ids[" + std::to_string(i / k) + ", " + std::to_string(i % k) +
+                              "] = " + std::to_string(e) + " is outside the expert ids [0, " +
                               std::to_string(experts) + ")");
     r.start[e + 1]++;
   }

@@ -83,10 +83,12 @@ void run_phases(Pool& pool, const std::vector<Slice>& slices, const PhaseItems& 
                            if (slices[p].node != node) continue;
                            const std::vector<Item>& list = items[f][p];
                            const int64_t n = static_cast<int64_t>(list.size());
+                           // Items of several blocks are big enough on their own.
+                           const int64_t grab = n > 0 && list[0].count > 1 ? 1 : kGrab;
                            for (;;) {
-                             const int64_t i0 = next[f * P + p].fetch_add(kGrab, std::memory_order_relaxed);
+                             const int64_t i0 = next[f * P + p].fetch_add(grab, std::memory_order_relaxed);
                              if (i0 >= n) break;
-                             const int64_t i1 = std::min(n, i0 + kGrab);
+                             const int64_t i1 = std::min(n, i0 + grab);
                              for (int64_t i = i0; i < i1; ++i) body(f, p, list[i]);
                              done[f * P + p].fetch_add(i1 - i0, std::memory_order_release);
                            }
