@@ -17,7 +17,7 @@ Weights (symmetric, ``w = scale * q``):
 - Scales are float16 (default) or bfloat16 (``scale_dtype``), rounded before the codes are chosen.
 
 Activations: the kernels quantize each token (and each SwiGLU activation row) to int16 per block
-of the reduction (the group, or 128/64/32 elements with per-row scales):
+of the reduction (the group, or 256/128/64/32 elements with per-row scales):
 ``scale = max|v| / 32767`` and ``q = round_half_even(v * (32767 / max|v|))``, both in fp32,
 then form exact integer sums per block, scaled and accumulated in fp32. The relative step is
 2^-15 of the block's largest magnitude (int8 activations would cost ~1e-2). Every SIMD path and

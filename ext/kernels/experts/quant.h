@@ -21,9 +21,9 @@
 //
 // Activations. Tokens (and the SwiGLU activations before the down projection)
 // are quantized to int16 per "x-block" of the reduction (the weight group, or
-// 128/64/32 elements for per-row scales): 15-bit resolution, relative error
-// ~5e-5, where int8 activations would cost ~1e-2. A block's integer sum
-// (int16 x int8/int4, 32-bit, exact: |sum| < 2^30) is converted to fp32 and
+// 256/128/64/32 elements for per-row scales): 15-bit resolution, relative
+// error ~5e-5, where int8 activations would cost ~1e-2. A block's integer sum
+// (int16 x int8/int4, 32-bit, exact: |sum| <= 32767 * 128 * 256 < 2^30) is converted to fp32 and
 // scaled, s_x * s_w, then accumulated in fp32. Every path (scalar, AVX2,
 // AVX-512, AVX-512 VNNI, AMX-INT8) forms the same exact integer sums and does
 // the same fp32 operations in the same order, so the forward is bit-identical
@@ -128,17 +128,18 @@ struct QFwdArgs {
   int64_t sstride;    // elements from one pair's scales to the next
   int64_t pairs;      // >= 1; AMX takes one
   int64_t K;          // reduction length (a multiple of xb)
-  int64_t xb;         // activation block (== group when grouped): 32, 64 or 128
+  int64_t xb;         // activation block (== group when grouped): 32, 64, 128 or 256
   bool grouped;
   int bits;
   bool sbf16;
   const int16_t* x;       // m token rows of int16 activations at the item's first k
-  int64_t xs;             // their stride in elements (also the byte stride of xh / xl)
+  int64_t xs;             // their stride in elements
   const float* xscale;    // [m][xbs] activation block scales, at the item's first block
   const int32_t* xsum;    // [m][xbs] activation block sums (int4's offset)
   int64_t xbs;
   const int8_t* xh;       // AMX only: high and low bytes of x (x = 256 * xh + xl), else null
   const uint8_t* xl;
+  int64_t ps;             // byte stride of xh / xl rows (plane_stride(K))
   int64_t m;
   float* out;  // [pairs][m][32] fp32
 };
@@ -169,13 +170,22 @@ constexpr int32_t kInt4Offset = 8;
 
 void qfwd_scalar(const QFwdArgs& a);
 void qcols_scalar(const QColsArgs& a);
+// SwiGLU of a gate/up item's sums o ([pairs][m][32]) into act rows `stride` apart.
+void qswiglu_scalar(const float* o, int64_t pairs, int64_t m, float* act, int64_t stride);
 #if CNUMA_X86
 void qfwd_avx2(const QFwdArgs& a);
 void qcols_avx2(const QColsArgs& a);
+void qswiglu_avx2(const float* o, int64_t pairs, int64_t m, float* act, int64_t stride);
 void qfwd_avx512(const QFwdArgs& a);
 void qfwd_vnni(const QFwdArgs& a);
 void qcols_avx512(const QColsArgs& a);
+void qswiglu_avx512(const float* o, int64_t pairs, int64_t m, float* act, int64_t stride);
 void qfwd_amx(const QFwdArgs& a);  // needs xh / xl
+
+// Row stride of the AMX byte planes: one cache line more than the row, so that
+// the 16 rows of an A tile fall in 16 different L1 sets (with K a multiple of
+// 4 KiB / 2 KiB they would share one or two, and every tile load went to L2).
+constexpr int64_t plane_stride(int64_t K) { return K + 64; }
 #endif
 
 struct QPath {
@@ -186,6 +196,7 @@ struct QPath {
 QPath choose_qpath();
 void run_qfwd(const QPath& p, const QFwdArgs& a);
 void run_qcols(const QPath& p, const QColsArgs& a);
+void run_qswiglu(const QPath& p, const float* o, int64_t pairs, int64_t m, float* act, int64_t stride);
 
 }  // namespace experts
 }  // namespace cnuma

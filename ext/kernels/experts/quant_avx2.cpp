@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "kernels/experts/quant.h"
+#include "kernels/experts/vector.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -66,6 +67,9 @@ struct Avx2Ops {
 
 void qfwd_avx2(const QFwdArgs& a) { qgen::qfwd<Avx2Ops>(a); }
 void qcols_avx2(const QColsArgs& a) { qgen::qcols(a); }
+void qswiglu_avx2(const float* o, int64_t pairs, int64_t m, float* act, int64_t stride) {
+  qgen::swiglu(o, pairs, m, act, stride);
+}
 
 }  // namespace experts
 }  // namespace cnuma

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "kernels/experts/quant.h"
+#include "kernels/experts/vector.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
@@ -32,6 +33,9 @@ struct Avx512Ops : ZmmOps {
 
 void qfwd_avx512(const QFwdArgs& a) { qgen::qfwd<Avx512Ops>(a); }
 void qcols_avx512(const QColsArgs& a) { qgen::qcols(a); }
+void qswiglu_avx512(const float* o, int64_t pairs, int64_t m, float* act, int64_t stride) {
+  qgen::swiglu(o, pairs, m, act, stride);
+}
 
 }  // namespace experts
 }  // namespace cnuma

@@ -45,6 +45,16 @@ void run_qfwd(const QPath& p, const QFwdArgs& a) {
   qfwd_scalar(a);
 }
 
+void run_qswiglu(const QPath& p, const float* o, int64_t pairs, int64_t m, float* act, int64_t stride) {
+#if CNUMA_X86
+  if (p.isa == Isa::Avx512) return qswiglu_avx512(o, pairs, m, act, stride);
+  if (p.isa == Isa::Avx2) return qswiglu_avx2(o, pairs, m, act, stride);
+#else
+  (void)p;
+#endif
+  qswiglu_scalar(o, pairs, m, act, stride);
+}
+
 void run_qcols(const QPath& p, const QColsArgs& a) {
 #if CNUMA_X86
   if (p.isa == Isa::Avx512) return qcols_avx512(a);

@@ -13,7 +13,6 @@
 #include "kernels/experts/quant.h"
 #include "kernels/experts/combine.h"
 #include "kernels/experts/routing.h"
-#include "kernels/experts/vector.h"
 
 namespace cnuma {
 namespace experts {
@@ -67,7 +66,7 @@ struct StagedRows {
   const int32_t* sum;
   const int8_t* hi;
   const uint8_t* lo;
-  int64_t K, xb;
+  int64_t K, xb;  // the planes' rows are plane_stride(K) bytes apart
 };
 
 // Points a's activation side at the rows of `r` from slot s on.
@@ -79,8 +78,9 @@ void point_at(QFwdArgs& a, const StagedRows& r, int64_t s) {
   a.x = r.q + s * r.K;
   a.xscale = r.scale + s * a.xbs;
   a.xsum = r.sum + s * a.xbs;
-  a.xh = r.hi != nullptr ? r.hi + s * r.K : nullptr;
-  a.xl = r.lo != nullptr ? r.lo + s * r.K : nullptr;
+  a.ps = plane_stride(r.K);
+  a.xh = r.hi != nullptr ? r.hi + s * a.ps : nullptr;
+  a.xl = r.lo != nullptr ? r.lo + s * a.ps : nullptr;
 }
 
 // AMX takes x as two byte planes, x = 256 * hi + lo.
@@ -152,10 +152,10 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
       b.ah = nullptr;
       b.al = nullptr;
       if (path.amx) {
-        b.xh = c.take<int8_t>(checked_mul(rows_staged, Hp, "the staged tokens"));
-        b.xl = c.take<uint8_t>(checked_mul(rows_staged, Hp, "the staged tokens"));
-        b.ah = c.take<int8_t>(checked_mul(rows_staged, Ip, "the activation codes"));
-        b.al = c.take<uint8_t>(checked_mul(rows_staged, Ip, "the activation codes"));
+        b.xh = c.take<int8_t>(checked_mul(rows_staged, plane_stride(Hp), "the staged tokens"));
+        b.xl = c.take<uint8_t>(checked_mul(rows_staged, plane_stride(Hp), "the staged tokens"));
+        b.ah = c.take<int8_t>(checked_mul(rows_staged, plane_stride(Ip), "the activation codes"));
+        b.al = c.take<uint8_t>(checked_mul(rows_staged, plane_stride(Ip), "the activation codes"));
       }
     };
     Carver count;
@@ -163,10 +163,11 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
     Carver c{static_cast<char*>(scratch(pool, p, count.used))};
     carve(c);
     if (path.amx) {  // the slack rows AMX tiles read past the last token: defined values
-      std::memset(buf[p].xh + S * Hp, 0, kQSlackRows * Hp);
-      std::memset(buf[p].xl + S * Hp, 0, kQSlackRows * Hp);
-      std::memset(buf[p].ah + S * Ip, 0, kQSlackRows * Ip);
-      std::memset(buf[p].al + S * Ip, 0, kQSlackRows * Ip);
+      const int64_t pH = plane_stride(Hp), pI = plane_stride(Ip);
+      std::memset(buf[p].xh + S * pH, 0, kQSlackRows * pH);
+      std::memset(buf[p].xl + S * pH, 0, kQSlackRows * pH);
+      std::memset(buf[p].ah + S * pI, 0, kQSlackRows * pI);
+      std::memset(buf[p].al + S * pI, 0, kQSlackRows * pI);
     }
   }
 
@@ -222,10 +223,10 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
           std::memcpy(b.xq + s * Hp, b.tq + t * Hp, Hp * sizeof(int16_t));
           std::memcpy(b.xsc + s * nbH, b.tsc + t * nbH, nbH * sizeof(float));
           std::memcpy(b.xsm + s * nbH, b.tsm + t * nbH, nbH * sizeof(int32_t));
-          if (path.amx) split_bytes(b.xq + s * Hp, Hp, b.xh + s * Hp, b.xl + s * Hp);
+          if (path.amx) split_bytes(b.xq + s * Hp, Hp, b.xh + s * plane_stride(Hp), b.xl + s * plane_stride(Hp));
         } else {
           quantize_row(b.act + s * Ip, Ip, xbI, b.aq + s * Ip, b.asc + s * (Ip / xbI), b.asm_ + s * (Ip / xbI));
-          if (path.amx) split_bytes(b.aq + s * Ip, Ip, b.ah + s * Ip, b.al + s * Ip);
+          if (path.amx) split_bytes(b.aq + s * Ip, Ip, b.ah + s * plane_stride(Ip), b.al + s * plane_stride(Ip));
         }
       }
       return;
@@ -252,19 +253,15 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
         a.m = std::min(kQTokens, m - c0);
         point_at(a, rows, s);
         run_qfwd(path, a);
-        for (int64_t q = 0; q < it.count; ++q) {
-          for (int64_t c = 0; c < a.m; ++c) {
-            const float* oc = o + (q * a.m + c) * 32;
-            const int64_t at = (s + c) * Ip + col + q * kBlock;
-            // SwiGLU on the block's 16 rows at once (the float layer's vexp, no libm call).
-            const vf gv = ldf(oc), uv = ldf(oc + kBlock);
-            stf(b.act + at, gv * (1.0f / (1.0f + vexp(-gv))) * uv);
-            if (save) {
+        run_qswiglu(path, o, it.count, a.m, b.act + s * Ip + col, Ip);
+        if (save)
+          for (int64_t q = 0; q < it.count; ++q)
+            for (int64_t c = 0; c < a.m; ++c) {
+              const float* oc = o + (q * a.m + c) * 32;
+              const int64_t at = (s + c) * Ip + col + q * kBlock;
               std::memcpy(data[p].save_gate + at, oc, kBlock * sizeof(float));
               std::memcpy(data[p].save_up + at, oc + kBlock, kBlock * sizeof(float));
             }
-          }
-        }
       }
     } else {  // kDown: hidden rows 32 * index .. + 32 over this slice's intermediate rows
       const int64_t pair = le * (Hp / (2 * kBlock)) + it.index;

@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "kernels/experts/quant.h"
+#include "kernels/experts/vector.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -202,6 +203,17 @@ CNUMA_INLINE void qfwd_pairs(const QFwdArgs& a, int64_t p0, int S) {
   }
   if (!a.grouped)
     for (int s = 0; s < S; ++s) finish_rows(out_of(s), a.m, sw[s]);
+}
+
+// SwiGLU of a gate/up item's sums o ([pairs][m][32]: 16 gate rows, then 16 up
+// rows): act[c * stride + q * 16 + r] = silu(g) * u, 16 rows at once.
+CNUMA_INLINE void swiglu(const float* o, int64_t pairs, int64_t m, float* act, int64_t stride) {
+  for (int64_t q = 0; q < pairs; ++q)
+    for (int64_t c = 0; c < m; ++c) {
+      const float* oc = o + (q * m + c) * 32;
+      const vf g = ldf(oc), u = ldf(oc + kBlock);
+      stf(act + c * stride + q * kBlock, g * (1.0f / (1.0f + vexp(-g))) * u);
+    }
 }
 
 template <class O>

@@ -75,7 +75,7 @@ int64_t QuantExperts::s2_elements(size_t p) const {
 
 int64_t QuantExperts::xblock(int64_t reduction) const {
   if (spec_.group > 0) return spec_.group;
-  for (int64_t b : {128, 64}) // reductions are multiples of 32
+  for (int64_t b : {256, 128, 64})  // reductions are multiples of 32
     if (reduction % b == 0) return b;
   return 32;
 }

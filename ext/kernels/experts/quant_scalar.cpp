@@ -49,6 +49,9 @@ struct ScalarOps {
 
 void qfwd_scalar(const QFwdArgs& a) { qgen::qfwd<ScalarOps>(a); }
 void qcols_scalar(const QColsArgs& a) { qgen::qcols(a); }
+void qswiglu_scalar(const float* o, int64_t pairs, int64_t m, float* act, int64_t stride) {
+  qgen::swiglu(o, pairs, m, act, stride);
+}
 
 }  // namespace experts
 }  // namespace cnuma

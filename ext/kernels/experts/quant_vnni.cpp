@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "kernels/experts/quant.h"
+#include "kernels/experts/vector.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")
