@@ -37,10 +37,13 @@ void Experts::forward(Pool& pool, const void* x, int64_t tokens, const int64_t* 
   const Path path = choose_path(L.dtype);
   const size_t xsz = path.dot ? 2 : 4;
   const int64_t S = checked_mul(tokens, k, "the routing slots");
+  // Staged token rows are one cache line longer than a row: with hidden a multiple of
+  // 2048 the 16 rows of an AMX tile would otherwise share one L1 set and evict each other.
+  const int64_t Hs = Hp + 64 / static_cast<int64_t>(xsz);
   const size_t P = slices_.size();
 
   struct Bufs {
-    char* xs;   // [S + spare][Hp] token rows grouped by expert, in the kernel's input format
+    char* xs;   // [S + spare][Hs] token rows grouped by expert, in the kernel's input format
     char* act;  // [S + spare][Ip] SwiGLU activations, same format
     float* y;   // [S][Hp] this slice's partial expert outputs
   };
@@ -49,7 +52,7 @@ void Experts::forward(Pool& pool, const void* x, int64_t tokens, const int64_t* 
     const int64_t Ip = slices_[p].row1 - slices_[p].row0;
     const int64_t rows = checked_add(S, kSlackRows, "the staged tokens");
     auto carve = [&](Carver& c) {
-      buf[p].xs = c.take<char>(checked_mul({rows, Hp, static_cast<int64_t>(xsz)}, "the staged tokens"));
+      buf[p].xs = c.take<char>(checked_mul({rows, Hs, static_cast<int64_t>(xsz)}, "the staged tokens"));
       buf[p].act = c.take<char>(checked_mul({rows, Ip, static_cast<int64_t>(xsz)}, "the activations"));
       buf[p].y = c.take<float>(checked_mul(S, Hp, "the partial outputs"));
     };
@@ -85,7 +88,7 @@ void Experts::forward(Pool& pool, const void* x, int64_t tokens, const int64_t* 
       for (int64_t s = it.index; s < std::min<int64_t>(S, it.index + 32); ++s) {
         if (sl.local[R.expert[s]] < 0) continue;
         const char* src = static_cast<const char*>(x) + R.token[s] * H * esz;
-        char* dst = buf[p].xs + s * Hp * xsz;
+        char* dst = buf[p].xs + s * Hs * xsz;
         if (esz == xsz) {
           std::memcpy(dst, src, H * esz);
           std::memset(dst + H * esz, 0, (Hp - H) * esz);
@@ -110,8 +113,8 @@ void Experts::forward(Pool& pool, const void* x, int64_t tokens, const int64_t* 
       a.b1 = static_cast<const char*>(a.b0) + half * esz;
       a.pstride = 2 * kBlock * Hp;
       a.K = Hp;
-      a.x = buf[p].xs + s0 * Hp * xsz;
-      a.xs = Hp;
+      a.x = buf[p].xs + s0 * Hs * xsz;
+      a.xs = Hs;
       a.down = false;
       a.dst = buf[p].act + (s0 * Ip + col) * xsz;
       a.dst_stride = Ip;
