@@ -10,6 +10,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/checked.h"
@@ -121,6 +122,26 @@ experts::DType parse_dtype(const std::string& s) {
   throw std::invalid_argument("NumaExperts: dtype must be 'float32' or 'bfloat16', got '" + s + "'");
 }
 
+// The layer and its slices from the constructors' arguments (both layers take
+// the same ones); `who` names the class in the one-line errors.
+std::pair<experts::Layer, std::vector<experts::Slice>> layer_and_slices(
+    const char* who, int64_t num_experts, int64_t hidden, int64_t intermediate, const std::string& dtype,
+    const std::vector<int>& nodes, const std::vector<std::vector<int32_t>>& local, const std::vector<int64_t>& rows,
+    const std::vector<int64_t>& row0, const std::vector<int64_t>& row1) {
+  const size_t P = nodes.size();
+  if (local.size() != P || rows.size() != P || row0.size() != P || row1.size() != P)
+    throw std::invalid_argument(std::string(who) + ": nodes, local, rows, row0 and row1 must have one entry per slice");
+  experts::Layer L;
+  L.experts = num_experts;
+  L.hidden = hidden;
+  // Padded only when in range; the constructor rejects the rest with a ValueError.
+  L.hidden_padded = hidden > 0 && hidden <= INT32_MAX ? checked_round_up(hidden, experts::kAlign, "hidden") : hidden;
+  L.intermediate = intermediate;
+  L.dtype = parse_dtype(dtype);
+  std::vector<experts::Slice> slices(P);
+  for (size_t p = 0; p < P; ++p) slices[p] = {nodes[p], local[p], rows[p], row0[p], row1[p]};
+  return {L, std::move(slices)};
+}
 
 // ------------------------------------------------------------ quantized --
 
@@ -173,23 +194,11 @@ void register_quant(nb::module_& m) {
               int bits, int64_t group, const std::string& scale_dtype, const std::vector<int>& nodes,
               const std::vector<std::vector<int32_t>>& local, const std::vector<int64_t>& rows,
               const std::vector<int64_t>& row0, const std::vector<int64_t>& row1) {
-             const size_t P = nodes.size();
-             if (local.size() != P || rows.size() != P || row0.size() != P || row1.size() != P)
-               throw std::invalid_argument(
-                   "QuantExperts: nodes, local, rows, row0 and row1 must have one entry per slice");
              if (scale_dtype != "float16" && scale_dtype != "bfloat16")
                throw std::invalid_argument("QuantExperts: scale_dtype must be 'float16' or 'bfloat16', got '" +
                                            scale_dtype + "'");
-             experts::Layer L;
-             L.experts = num_experts;
-             L.hidden = hidden;
-             L.hidden_padded = hidden > 0 && hidden <= INT32_MAX
-                                   ? checked_round_up(hidden, experts::kAlign, "hidden")
-                                   : hidden;
-             L.intermediate = intermediate;
-             L.dtype = parse_dtype(dtype);
-             std::vector<experts::Slice> slices(P);
-             for (size_t p = 0; p < P; ++p) slices[p] = {nodes[p], local[p], rows[p], row0[p], row1[p]};
+             auto [L, slices] = layer_and_slices("QuantExperts", num_experts, hidden, intermediate, dtype, nodes,
+                                                 local, rows, row0, row1);
              experts::QuantSpec spec;
              spec.bits = bits;
              spec.group = group;
@@ -263,20 +272,8 @@ void register_experts(nb::module_& m) {
               const std::string& dtype, const std::vector<int>& nodes,
               const std::vector<std::vector<int32_t>>& local, const std::vector<int64_t>& rows,
               const std::vector<int64_t>& row0, const std::vector<int64_t>& row1) {
-             const size_t P = nodes.size();
-             if (local.size() != P || rows.size() != P || row0.size() != P || row1.size() != P)
-               throw std::invalid_argument("Experts: nodes, local, rows, row0 and row1 must have one entry per slice");
-             experts::Layer L;
-             L.experts = num_experts;
-             L.hidden = hidden;
-             // Padded only when in range; the constructor rejects the rest with a ValueError.
-             L.hidden_padded = hidden > 0 && hidden <= INT32_MAX
-                                   ? checked_round_up(hidden, experts::kAlign, "hidden")
-                                   : hidden;
-             L.intermediate = intermediate;
-             L.dtype = parse_dtype(dtype);
-             std::vector<experts::Slice> slices(P);
-             for (size_t p = 0; p < P; ++p) slices[p] = {nodes[p], local[p], rows[p], row0[p], row1[p]};
+             auto [L, slices] = layer_and_slices("Experts", num_experts, hidden, intermediate, dtype, nodes, local,
+                                                 rows, row0, row1);
              new (self) Experts(L, std::move(slices));
            },
            nb::arg("num_experts"), nb::arg("hidden"), nb::arg("intermediate"), nb::arg("dtype"),

@@ -27,6 +27,11 @@ void combine_input_grads(Pool& pool, const Routing& R, int64_t tokens, int64_t k
                          const std::vector<Slice>& slices, const std::vector<const float*>& dxp,
                          const std::vector<const float*>& dwpart, bool bf16, void* dx, float* dweights);
 
+// The checks every forward makes before routing: sizes, one data entry per
+// slice, and the calls with nothing to compute (no tokens: nothing written; no
+// choices: out is zeros). True when the call is finished.
+bool forward_trivial(int64_t tokens, int64_t k, size_t data, size_t slices, int64_t H, bool bf16, void* out);
+
 // A slice's scratch buffer, on its node, at least `bytes` long: grown by half
 // again when too small (so a call with more tokens reallocates rarely), then
 // reused by every later call. Returns its data.

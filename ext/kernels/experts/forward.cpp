@@ -25,13 +25,7 @@ void Experts::forward(Pool& pool, const void* x, int64_t tokens, const int64_t* 
   // Packed layout (see experts.h): 32-row super-blocks, two 16-row blocks
   // interleaved per k-step, so every work item streams one contiguous range.
   const int64_t kp = bf16 ? 2 : 1, ks = 2 * kBlock * kp, half = kBlock * kp;
-  if (tokens < 0 || k < 0) throw std::invalid_argument("tokens and k must be >= 0");
-  if (data.size() != slices_.size()) throw std::invalid_argument("one SliceData per slice is needed");
-  if (tokens == 0) return;
-  if (k == 0) {
-    std::memset(out, 0, to_size(checked_mul({tokens, H, static_cast<int64_t>(esz)}, "the output"), "the output"));
-    return;
-  }
+  if (forward_trivial(tokens, k, data.size(), slices_.size(), H, bf16, out)) return;
   std::lock_guard<ForkSafeMutex> lock(mu_);
   const Routing R = route(L.experts, ids, weights, tokens, k);
   const Path path = choose_path(L.dtype);

@@ -99,13 +99,7 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
   const int64_t H = L.hidden, Hp = L.hidden_padded, bits = spec_.bits, g = spec_.group;
   const bool bf16 = L.dtype == DType::BF16, grouped = g > 0;
   const size_t esz = bf16 ? 2 : 4;
-  if (tokens < 0 || k < 0) throw std::invalid_argument("tokens and k must be >= 0");
-  if (data.size() != slices_.size()) throw std::invalid_argument("one QuantSliceData per slice is needed");
-  if (tokens == 0) return;
-  if (k == 0) {
-    std::memset(out, 0, to_size(checked_mul({tokens, H, static_cast<int64_t>(esz)}, "the output"), "the output"));
-    return;
-  }
+  if (forward_trivial(tokens, k, data.size(), slices_.size(), H, bf16, out)) return;
   std::lock_guard<ForkSafeMutex> lock(mu_);
   const Routing R = route(L.experts, ids, weights, tokens, k);
   const QPath path = choose_qpath();
