@@ -25,22 +25,14 @@ void Experts::backward(Pool& pool, const void* dout, const void* x, int64_t toke
   const bool bf16 = L.dtype == DType::BF16;
   const size_t esz = bf16 ? 2 : 4;
   const int64_t kp = bf16 ? 2 : 1, ks = 2 * kBlock * kp, half = kBlock * kp;
-  if (tokens < 0 || k < 0) throw std::invalid_argument("tokens and k must be >= 0");
-  if (data.size() != slices_.size()) throw std::invalid_argument("one SliceData per slice is needed");
+  backward_prologue(tokens, k, data, slices_.size(), H, bf16, dx, dweights);
   bool weight_grads = true;
-  for (const SliceData& d : data) {
-    if (tokens > 0 && k > 0 && (d.save_gate == nullptr || d.save_up == nullptr))
-      throw std::invalid_argument("backward needs the activations saved by forward");
-    weight_grads = weight_grads && d.grad13 != nullptr && d.grad2 != nullptr;
-  }
+  for (const SliceData& d : data) weight_grads = weight_grads && d.grad13 != nullptr && d.grad2 != nullptr;
   std::lock_guard<ForkSafeMutex> lock(mu_);
   const Routing R = route(L.experts, ids, weights, tokens, k);
   const Isa isa = choose_path(L.dtype).isa;
   const int64_t S = checked_mul(tokens, k, "the routing slots");
   const size_t P = slices_.size();
-  if (tokens > 0)
-    std::memset(dx, 0, to_size(checked_mul({tokens, H, static_cast<int64_t>(esz)}, "grad_x"), "grad_x"));
-  if (S > 0) std::memset(dweights, 0, to_size(checked_mul(S, 4, "grad_topk_weights"), "grad_topk_weights"));
 
   struct Bufs {
     float* xt;      // [T][Hp] x in fp32, padded

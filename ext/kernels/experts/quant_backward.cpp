@@ -22,20 +22,12 @@ void QuantExperts::backward(Pool& pool, const void* dout, int64_t tokens, const 
   const Layer& L = layer_;
   const int64_t H = L.hidden, Hp = L.hidden_padded, g = spec_.group;
   const bool bf16 = L.dtype == DType::BF16, grouped = g > 0;
-  const size_t esz = bf16 ? 2 : 4;
-  if (tokens < 0 || k < 0) throw std::invalid_argument("tokens and k must be >= 0");
-  if (data.size() != slices_.size()) throw std::invalid_argument("one QuantSliceData per slice is needed");
-  for (const QuantSliceData& d : data)
-    if (tokens > 0 && k > 0 && (d.save_gate == nullptr || d.save_up == nullptr))
-      throw std::invalid_argument("backward needs the activations saved by forward");
+  backward_prologue(tokens, k, data, slices_.size(), H, bf16, dx, dweights);
   std::lock_guard<ForkSafeMutex> lock(mu_);
   const Routing R = route(L.experts, ids, weights, tokens, k);
   const QPath path = choose_qpath();
   const int64_t S = checked_mul(tokens, k, "the routing slots");
   const size_t P = slices_.size();
-  if (tokens > 0)
-    std::memset(dx, 0, to_size(checked_mul({tokens, H, static_cast<int64_t>(esz)}, "grad_x"), "grad_x"));
-  if (S > 0) std::memset(dweights, 0, to_size(checked_mul(S, 4, "grad_topk_weights"), "grad_topk_weights"));
   if (S == 0) return;
 
   struct Bufs {
