@@ -168,6 +168,11 @@ struct QColsArgs {
 // Weight offset of int4: the nibble n stands for n - 8.
 constexpr int32_t kInt4Offset = 8;
 
+// Row stride of the AMX byte planes: one cache line more than the row, so that
+// the 16 rows of an A tile fall in 16 different L1 sets (with K a multiple of
+// 4 KiB / 2 KiB they would share one or two, and every tile load went to L2).
+constexpr int64_t plane_stride(int64_t K) { return K + 64; }
+
 void qfwd_scalar(const QFwdArgs& a);
 void qcols_scalar(const QColsArgs& a);
 // SwiGLU of a gate/up item's sums o ([pairs][m][32]) into act rows `stride` apart.
@@ -182,10 +187,6 @@ void qcols_avx512(const QColsArgs& a);
 void qswiglu_avx512(const float* o, int64_t pairs, int64_t m, float* act, int64_t stride);
 void qfwd_amx(const QFwdArgs& a);  // needs xh / xl
 
-// Row stride of the AMX byte planes: one cache line more than the row, so that
-// the 16 rows of an A tile fall in 16 different L1 sets (with K a multiple of
-// 4 KiB / 2 KiB they would share one or two, and every tile load went to L2).
-constexpr int64_t plane_stride(int64_t K) { return K + 64; }
 #endif
 
 struct QPath {
