@@ -177,14 +177,22 @@ void qfwd_scalar(const QFwdArgs& a);
 void qcols_scalar(const QColsArgs& a);
 // SwiGLU of a gate/up item's sums o ([pairs][m][32]) into act rows `stride` apart.
 void qswiglu_scalar(const float* o, int64_t pairs, int64_t m, float* act, int64_t stride);
+// Activations to int16 codes per block of xb, with scales, code sums and (hi, lo
+// not null) AMX's byte planes.
+void qquantize_scalar(const float* v, int64_t n, int64_t xb, int16_t* q, float* scale, int32_t* sum, int8_t* hi,
+                      uint8_t* lo);
 #if CNUMA_X86
 void qfwd_avx2(const QFwdArgs& a);
 void qcols_avx2(const QColsArgs& a);
 void qswiglu_avx2(const float* o, int64_t pairs, int64_t m, float* act, int64_t stride);
+void qquantize_avx2(const float* v, int64_t n, int64_t xb, int16_t* q, float* scale, int32_t* sum, int8_t* hi,
+                    uint8_t* lo);
 void qfwd_avx512(const QFwdArgs& a);
 void qfwd_vnni(const QFwdArgs& a);
 void qcols_avx512(const QColsArgs& a);
 void qswiglu_avx512(const float* o, int64_t pairs, int64_t m, float* act, int64_t stride);
+void qquantize_avx512(const float* v, int64_t n, int64_t xb, int16_t* q, float* scale, int32_t* sum, int8_t* hi,
+                      uint8_t* lo);
 void qfwd_amx(const QFwdArgs& a);  // needs xh / xl
 
 #endif
@@ -198,6 +206,8 @@ QPath choose_qpath();
 void run_qfwd(const QPath& p, const QFwdArgs& a);
 void run_qcols(const QPath& p, const QColsArgs& a);
 void run_qswiglu(const QPath& p, const float* o, int64_t pairs, int64_t m, float* act, int64_t stride);
+void run_qquantize(const QPath& p, const float* v, int64_t n, int64_t xb, int16_t* q, float* scale, int32_t* sum,
+                   int8_t* hi, uint8_t* lo);
 
 }  // namespace experts
 }  // namespace cnuma

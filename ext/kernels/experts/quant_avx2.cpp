@@ -70,6 +70,10 @@ void qcols_avx2(const QColsArgs& a) { qgen::qcols(a); }
 void qswiglu_avx2(const float* o, int64_t pairs, int64_t m, float* act, int64_t stride) {
   qgen::swiglu(o, pairs, m, act, stride);
 }
+void qquantize_avx2(const float* v, int64_t n, int64_t xb, int16_t* q, float* scale, int32_t* sum, int8_t* hi,
+                    uint8_t* lo) {
+  qgen::quantize(v, n, xb, q, scale, sum, hi, lo);
+}
 
 }  // namespace experts
 }  // namespace cnuma

@@ -55,6 +55,17 @@ void run_qswiglu(const QPath& p, const float* o, int64_t pairs, int64_t m, float
   qswiglu_scalar(o, pairs, m, act, stride);
 }
 
+void run_qquantize(const QPath& p, const float* v, int64_t n, int64_t xb, int16_t* q, float* scale, int32_t* sum,
+                   int8_t* hi, uint8_t* lo) {
+#if CNUMA_X86
+  if (p.isa == Isa::Avx512) return qquantize_avx512(v, n, xb, q, scale, sum, hi, lo);
+  if (p.isa == Isa::Avx2) return qquantize_avx2(v, n, xb, q, scale, sum, hi, lo);
+#else
+  (void)p;
+#endif
+  qquantize_scalar(v, n, xb, q, scale, sum, hi, lo);
+}
+
 void run_qcols(const QPath& p, const QColsArgs& a) {
 #if CNUMA_X86
   if (p.isa == Isa::Avx512) return qcols_avx512(a);

@@ -3,7 +3,6 @@
 // activations the same way, down per 32 hidden rows, then sum the slices'
 // partial outputs per token in slice order (as forward.cpp does).
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -18,44 +17,6 @@ namespace cnuma {
 namespace experts {
 
 namespace {
-
-constexpr float kQMax = 32767.0f;
-static_assert(kBlock == 16, "SwiGLU below takes one 16-lane vector per block");
-
-// Nearest integer, ties to even, for |v| < 2^22 (codes are at most 32767):
-// adding and subtracting 1.5 * 2^23 leaves exactly that in fp32's default
-// rounding, as nearbyint does, but inline and vectorizable where nearbyint is a
-// libm call (baseline x86 has no SSE4.1 round).
-inline float round_even(float v) {
-  constexpr float kShift = 12582912.0f;
-  return (v + kShift) - kShift;
-}
-
-// v[0..n) -> int16 codes per block of xb: q = round_even(v * (32767 / max|v|)),
-// scale max|v| / 32767 (0 for an all-zero block), and each block's code sum.
-// Plain fp32 operations compiled once, so every path stages the same codes.
-void quantize_row(const float* v, int64_t n, int64_t xb, int16_t* q, float* scale, int32_t* sum) {
-  for (int64_t b = 0; b < n / xb; ++b) {
-    const float* src = v + b * xb;
-    float m = 0.0f;
-    for (int64_t i = 0; i < xb; ++i) m = std::max(m, std::fabs(src[i]));
-    int32_t total = 0;
-    if (m > 0.0f) {
-      const float inv = kQMax / m;
-      for (int64_t i = 0; i < xb; ++i) {
-        const float r = round_even(src[i] * inv);
-        const int32_t c = static_cast<int32_t>(std::min(kQMax, std::max(-kQMax, r)));
-        q[b * xb + i] = static_cast<int16_t>(c);
-        total += c;
-      }
-      scale[b] = m / kQMax;
-    } else {
-      std::fill(q + b * xb, q + (b + 1) * xb, int16_t{0});
-      scale[b] = 0.0f;
-    }
-    sum[b] = total;
-  }
-}
 
 // Staged activation rows of one reduction (tokens for gate/up, SwiGLU
 // activations for down): int16 codes, per-block scales and sums, AMX byte planes
@@ -83,14 +44,6 @@ void point_at(QFwdArgs& a, const StagedRows& r, int64_t s) {
   a.xl = r.lo != nullptr ? r.lo + s * a.ps : nullptr;
 }
 
-// AMX takes x as two byte planes, x = 256 * hi + lo.
-void split_bytes(const int16_t* q, int64_t n, int8_t* hi, uint8_t* lo) {
-  for (int64_t i = 0; i < n; ++i) {
-    hi[i] = static_cast<int8_t>(q[i] >> 8);
-    lo[i] = static_cast<uint8_t>(q[i] & 0xff);
-  }
-}
-
 }  // namespace
 
 void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int64_t* ids, const float* weights,
@@ -110,6 +63,8 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
 
   struct Bufs {
     int16_t* tq;  // [tokens][Hp] each token's codes, once (a token has k slots)
+    int8_t* th;   // [tokens][plane_stride(Hp)] their AMX byte planes (null off AMX)
+    uint8_t* tl;
     float* tsc;   // [tokens][Hp / xbH] their block scales
     int32_t* tsm; // [tokens][Hp / xbH] their block sums
     int16_t* xq;  // [S + slack][Hp] token codes grouped by expert
@@ -141,11 +96,15 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
       b.asc = c.take<float>(checked_mul(S, Ip / xbI, "the activation scales"));
       b.asm_ = c.take<int32_t>(checked_mul(S, Ip / xbI, "the activation sums"));
       b.y = c.take<float>(checked_mul(S, Hp, "the partial outputs"));
+      b.th = nullptr;
+      b.tl = nullptr;
       b.xh = nullptr;
       b.xl = nullptr;
       b.ah = nullptr;
       b.al = nullptr;
       if (path.amx) {
+        b.th = c.take<int8_t>(checked_mul(tokens, plane_stride(Hp), "the token codes"));
+        b.tl = c.take<uint8_t>(checked_mul(tokens, plane_stride(Hp), "the token codes"));
         b.xh = c.take<int8_t>(checked_mul(rows_staged, plane_stride(Hp), "the staged tokens"));
         b.xl = c.take<uint8_t>(checked_mul(rows_staged, plane_stride(Hp), "the staged tokens"));
         b.ah = c.take<int8_t>(checked_mul(rows_staged, plane_stride(Ip), "the activation codes"));
@@ -204,7 +163,9 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
         } else {
           std::memcpy(row.data(), src, H * sizeof(float));
         }
-        quantize_row(row.data(), Hp, xbH, b.tq + t * Hp, b.tsc + t * (Hp / xbH), b.tsm + t * (Hp / xbH));
+        const int64_t pt = t * plane_stride(Hp);
+        run_qquantize(path, row.data(), Hp, xbH, b.tq + t * Hp, b.tsc + t * (Hp / xbH), b.tsm + t * (Hp / xbH),
+                      path.amx ? b.th + pt : nullptr, path.amx ? b.tl + pt : nullptr);
       }
       return;
     }
@@ -217,10 +178,15 @@ void QuantExperts::forward(Pool& pool, const void* x, int64_t tokens, const int6
           std::memcpy(b.xq + s * Hp, b.tq + t * Hp, Hp * sizeof(int16_t));
           std::memcpy(b.xsc + s * nbH, b.tsc + t * nbH, nbH * sizeof(float));
           std::memcpy(b.xsm + s * nbH, b.tsm + t * nbH, nbH * sizeof(int32_t));
-          if (path.amx) split_bytes(b.xq + s * Hp, Hp, b.xh + s * plane_stride(Hp), b.xl + s * plane_stride(Hp));
+          if (path.amx) {
+            const int64_t pH = plane_stride(Hp);
+            std::memcpy(b.xh + s * pH, b.th + t * pH, Hp);
+            std::memcpy(b.xl + s * pH, b.tl + t * pH, Hp);
+          }
         } else {
-          quantize_row(b.act + s * Ip, Ip, xbI, b.aq + s * Ip, b.asc + s * (Ip / xbI), b.asm_ + s * (Ip / xbI));
-          if (path.amx) split_bytes(b.aq + s * Ip, Ip, b.ah + s * plane_stride(Ip), b.al + s * plane_stride(Ip));
+          const int64_t pa = s * plane_stride(Ip);
+          run_qquantize(path, b.act + s * Ip, Ip, xbI, b.aq + s * Ip, b.asc + s * (Ip / xbI), b.asm_ + s * (Ip / xbI),
+                        path.amx ? b.ah + pa : nullptr, path.amx ? b.al + pa : nullptr);
         }
       }
       return;

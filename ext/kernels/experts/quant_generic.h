@@ -9,6 +9,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -204,6 +205,53 @@ CNUMA_INLINE void qfwd_pairs(const QFwdArgs& a, int64_t p0, int S) {
   if (!a.grouped)
     for (int s = 0; s < S; ++s) finish_rows(out_of(s), a.m, sw[s]);
 }
+
+constexpr float kQMax = 32767.0f;
+
+// Nearest integer, ties to even, for |v| < 2^22 (codes are at most 32767):
+// adding and subtracting 1.5 * 2^23 leaves exactly that in fp32's default
+// rounding, as nearbyint does, but inline and vectorizable where nearbyint is a
+// libm call (baseline x86 has no SSE4.1 round).
+CNUMA_INLINE float round_even(float v) {
+  constexpr float kShift = 12582912.0f;
+  return (v + kShift) - kShift;
+}
+
+// v[0..n) -> int16 codes per block of xb: q = round_even(v * (32767 / max|v|)),
+// scale max|v| / 32767 (0 for an all-zero block), and each block's code sum;
+// with hi / lo, also AMX's two byte planes of the codes (q = 256 * hi + lo).
+// Element-wise fp32 operations (and an exact max): every ISA's copy gives the
+// same codes.
+CNUMA_INLINE void quantize(const float* v, int64_t n, int64_t xb, int16_t* q, float* scale, int32_t* sum,
+                           int8_t* hi, uint8_t* lo) {
+  for (int64_t b = 0; b < n / xb; ++b) {
+    const float* src = v + b * xb;
+    float m = 0.0f;
+    for (int64_t i = 0; i < xb; ++i) m = std::max(m, std::fabs(src[i]));
+    int32_t total = 0;
+    if (m > 0.0f) {
+      const float inv = kQMax / m;
+      for (int64_t i = 0; i < xb; ++i) {
+        const float r = round_even(src[i] * inv);
+        const int32_t c = static_cast<int32_t>(std::min(kQMax, std::max(-kQMax, r)));
+        q[b * xb + i] = static_cast<int16_t>(c);
+        total += c;
+      }
+      scale[b] = m / kQMax;
+    } else {
+      std::fill(q + b * xb, q + (b + 1) * xb, int16_t{0});
+      scale[b] = 0.0f;
+    }
+    sum[b] = total;
+  }
+  if (hi != nullptr)
+    for (int64_t i = 0; i < n; ++i) {
+      hi[i] = static_cast<int8_t>(q[i] >> 8);
+      lo[i] = static_cast<uint8_t>(q[i] & 0xff);
+    }
+}
+
+static_assert(kBlock == 16, "swiglu takes one 16-lane vector per block");
 
 // SwiGLU of a gate/up item's sums o ([pairs][m][32]: 16 gate rows, then 16 up
 // rows): act[c * stride + q * 16 + r] = silu(g) * u, 16 rows at once.
