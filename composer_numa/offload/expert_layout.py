@@ -59,6 +59,12 @@ def _plan(num_experts: int, intermediate: int, nodes: list[int], placement: str,
     return out
 
 
+def _saved_preactivations(slices: Sequence[_Slice], tokens: int, k: int) -> tuple[list[torch.Tensor], ...]:
+    """Per slice, fp32 buffers for the gate and up pre-activations a training forward saves."""
+    n = [tokens * k * (s.row1 - s.row0) for s in slices]
+    return [torch.empty(v) for v in n], [torch.empty(v) for v in n]
+
+
 def _local_index(experts: Sequence[int], num_experts: int) -> list[int]:
     """Expert id -> its position in a slice, -1 when the slice does not hold it (O(E))."""
     out = [-1] * num_experts

@@ -51,6 +51,7 @@ from composer_numa.offload.expert_layout import (  # noqa: F401  (_plan, _Slice:
     _local_index,
     _plan,
     _round_up,
+    _saved_preactivations,
     _Slice,
 )
 from composer_numa.offload.native import native
@@ -773,8 +774,7 @@ class _ExpertsFunction(torch.autograd.Function):
     def forward(ctx: Any, layer: NumaExperts, pin: bool, x: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         T, k = ids.shape
-        save_g = [torch.empty(T * k * (s.row1 - s.row0)) for s in layer._slices]
-        save_u = [torch.empty(T * k * (s.row1 - s.row0)) for s in layer._slices]
+        save_g, save_u = _saved_preactivations(layer._slices, T, k)
         out = layer._launch(pin, x, ids, weights, save_g, save_u)
         ctx.layer = layer
         ctx.weights_need_grad = any(ctx.needs_input_grad[5:])

@@ -53,6 +53,7 @@ from composer_numa.offload.expert_layout import (
     _local_index,
     _plan,
     _round_up,
+    _saved_preactivations,
     _Slice,
 )
 from composer_numa.offload.native import native
@@ -521,8 +522,7 @@ class _QuantFunction(torch.autograd.Function):
     def forward(ctx: Any, layer: QuantizedWeights, pin: bool, x: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
         T, k = ids.shape
-        save_g = [torch.empty(T * k * (s.row1 - s.row0)) for s in layer._slices]
-        save_u = [torch.empty(T * k * (s.row1 - s.row0)) for s in layer._slices]
+        save_g, save_u = _saved_preactivations(layer._slices, T, k)
         out = layer._launch(pin, x, ids, weights, save_g, save_u)
         ctx.layer = layer
         ctx.save_for_backward(ids, weights, *save_g, *save_u)

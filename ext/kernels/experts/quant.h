@@ -194,7 +194,6 @@ void qswiglu_avx512(const float* o, int64_t pairs, int64_t m, float* act, int64_
 void qquantize_avx512(const float* v, int64_t n, int64_t xb, int16_t* q, float* scale, int32_t* sum, int8_t* hi,
                       uint8_t* lo);
 void qfwd_amx(const QFwdArgs& a);  // needs xh / xl
-
 #endif
 
 struct QPath {

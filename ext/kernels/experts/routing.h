@@ -32,7 +32,7 @@ struct Routing {
 // std::out_of_range naming the first id outside [0, experts).
 Routing route(int64_t experts, const int64_t* ids, const float* weights, int64_t tokens, int64_t k);
 
-// Items taken from a queue at a time: runs of neighbouring blocks keep each
+// Blocks taken from a queue at a time (in whole items): runs of neighbouring blocks keep each
 // worker's stream contiguous for longer.
 constexpr int64_t kGrab = 4;
 
@@ -72,6 +72,15 @@ void run_phases(Pool& pool, const std::vector<Slice>& slices, const PhaseItems& 
     next[i].store(0, std::memory_order_relaxed);
     done[i].store(0, std::memory_order_relaxed);
   }
+  // Items taken per grab: about kGrab blocks' worth (decode items carry several).
+  std::vector<int64_t> grabs(F * P);
+  for (size_t i = 0; i < F * P; ++i) {
+    const std::vector<Item>& list = items[i / P][i % P];
+    int64_t blocks = 0;
+    for (const Item& it : list) blocks += it.count;
+    const int64_t n = static_cast<int64_t>(list.size());
+    grabs[i] = blocks > 0 ? std::max<int64_t>(1, kGrab * n / blocks) : kGrab;
+  }
   std::vector<int> nodes;
   for (const Slice& sl : slices)
     if (std::find(nodes.begin(), nodes.end(), sl.node) == nodes.end()) nodes.push_back(sl.node);
@@ -83,8 +92,7 @@ void run_phases(Pool& pool, const std::vector<Slice>& slices, const PhaseItems& 
                            if (slices[p].node != node) continue;
                            const std::vector<Item>& list = items[f][p];
                            const int64_t n = static_cast<int64_t>(list.size());
-                           // Items of several blocks are big enough on their own.
-                           const int64_t grab = n > 0 && list[0].count > 1 ? 1 : kGrab;
+                           const int64_t grab = grabs[f * P + p];
                            for (;;) {
                              const int64_t i0 = next[f * P + p].fetch_add(grab, std::memory_order_relaxed);
                              if (i0 >= n) break;
